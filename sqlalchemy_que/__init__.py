@@ -1,0 +1,51 @@
+"""sqlalchemy-que: a PostgreSQL job queue inside SQLAlchemy, compatible with Ruby's Que 0.x.
+
+Jobs are rows of Que's ``que_jobs`` table, written in the caller's own transaction::
+
+    from sqlalchemy_que import enqueue
+
+    with Session(engine) as session:
+        session.add(enqueue("SendEmail", user.id))
+        session.commit()   # the job is committed with the caller's other changes
+
+The public names are re-exported here; see the documentation in ``docs/`` for the guide.
+"""
+
+from __future__ import annotations
+
+from .enqueue import enqueue, insert_job, insert_jobs
+from .errors import (
+    InvalidJobError,
+    QueError,
+    SchemaError,
+    UnsupportedSchemaError,
+    WorkerError,
+)
+from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
+from .model import QueJob, metadata
+from .schema import check_schema, migrate, migrations_path, schema_version, version_location
+
+__all__ = [
+    "InvalidJobError",
+    "JobContext",
+    "JobDefinition",
+    "JobRegistry",
+    "QueError",
+    "QueJob",
+    "SchemaError",
+    "UnsupportedSchemaError",
+    "WorkerError",
+    "check_schema",
+    "default_retry_delay",
+    "enqueue",
+    "insert_job",
+    "insert_jobs",
+    "job",
+    "metadata",
+    "migrate",
+    "migrations_path",
+    "schema_version",
+    "version_location",
+]
+
+__version__ = "0.1.0"

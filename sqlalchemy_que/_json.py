@@ -1,0 +1,101 @@
+"""Job arguments as Que stores them: a compact JSON array in a ``json`` column.
+
+The ``json`` type keeps the exact text it is given, and Ruby and Go workers read it, so the
+arguments are checked up front (only values every language decodes the same way) and
+serialised compactly, without ASCII escaping of non-ASCII text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.dialects.postgresql import JSON
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+from .errors import InvalidJobError
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _check(value: Any, path: str) -> None:
+    """Raise :class:`InvalidJobError` naming the first value under ``path`` that is not plain
+    JSON: only str, int, float (finite), bool, None, lists/tuples and str-keyed dicts."""
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidJobError(
+                f"{path} is {value!r}, which is not valid UTF-8 text (lone surrogate)"
+            ) from None
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidJobError(
+                f"{path} is {value!r}; NaN and Infinity are not valid JSON and other "
+                "languages' Que workers cannot decode them"
+            )
+        return
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check(item, f"{path}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidJobError(
+                    f"{path} has the key {key!r} of type {type(key).__name__}; JSON object keys "
+                    "must be str (a non-str key would come back as a different value)"
+                )
+            _check(item, f"{path}[{key!r}]")
+        return
+    raise InvalidJobError(
+        f"{path} is {value!r} of type {type(value).__name__}, which is not JSON-serialisable; "
+        "pass str, int, float, bool, None, list or dict (convert it yourself, e.g. str(value))"
+    )
+
+
+def dump_args(args: Sequence[Any]) -> str:
+    """Return the compact JSON array text for ``args`` after checking every value.
+
+    :raises InvalidJobError: naming the first argument that is not plain JSON.
+    """
+    if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+        raise InvalidJobError(
+            f"args must be a list of positional arguments, got {args!r} "
+            f"of type {type(args).__name__}"
+        )
+    _check(args, "args")
+    return _encoder.encode(list(args))
+
+
+class CompactJSON(TypeDecorator[list[Any]]):
+    """A PostgreSQL ``json`` column written as compact, checked JSON text.
+
+    Binding sends the text itself (cast to ``json`` by the dialect), so what is stored is
+    byte for byte what :func:`dump_args` produced, whatever ``json_serializer`` the Engine has.
+    """
+
+    impl = JSON
+    cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        def process(value: Any) -> str | None:
+            if value is None:
+                return None
+            if isinstance(value, _PreDumped):
+                return str(value)
+            return dump_args(value)
+
+        return process
+
+
+class _PreDumped(str):
+    """Argument text already produced by :func:`dump_args`, so it is not checked twice."""
+
+    __slots__ = ()

@@ -1,0 +1,234 @@
+"""Putting jobs in ``que_jobs`` inside the caller's transaction.
+
+Enqueueing never commits: the job is written in the caller's unit of work, so it is committed
+together with the data it concerns, or vanishes with it on rollback::
+
+    from sqlalchemy.orm import Session
+    from sqlalchemy_que import enqueue
+
+    with Session(engine) as session:
+        user = User(email="ada@example.com")
+        session.add(user)
+        session.flush()
+        session.add(enqueue("SendWelcomeEmail", user.id, queue="mail"))
+        session.commit()          # the user and the job, or neither
+
+Three forms share one set of checks:
+
+* :func:`enqueue` builds a :class:`~sqlalchemy_que.QueJob` for ``session.add()`` (ORM);
+* :func:`insert_job` runs one ``INSERT`` on a Core ``Connection`` (or a ``Session``) and returns
+  the new ``job_id``;
+* :func:`insert_jobs` writes many jobs in one ``COPY`` round trip (bulk).
+
+Every field is checked before anything is sent: a refused job raises
+:class:`~sqlalchemy_que.InvalidJobError` naming the bad value, and leaves the session as it was.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+from sqlalchemy import Connection, insert
+from sqlalchemy.orm import Session, scoped_session
+
+from ._json import _PreDumped, dump_args
+from .errors import InvalidJobError
+from .model import QueJob
+
+if TYPE_CHECKING:
+    from .jobs import JobDefinition
+
+__all__ = ["Bind", "enqueue", "insert_job", "insert_jobs", "job_values"]
+
+#: What the Core forms accept as "the caller's transaction".
+Bind = Union[Connection, Session, "scoped_session[Any]"]
+
+SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
+
+
+def _check_text(field: str, value: object, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise InvalidJobError(
+            f"{field} must be a str, got {value!r} of type {type(value).__name__}"
+        )
+    if not allow_empty and not value:
+        raise InvalidJobError(f"{field} must be a non-empty str naming the job, got {value!r}")
+    if "\x00" in value:
+        raise InvalidJobError(f"{field} {value!r} contains a NUL character, which text cannot hold")
+    return value
+
+
+def check_priority(priority: object) -> int:
+    """Return ``priority`` if it is an int in PostgreSQL's smallint range, else raise."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidJobError(
+            f"priority must be an int, got {priority!r} of type {type(priority).__name__}"
+        )
+    if not SMALLINT_MIN <= priority <= SMALLINT_MAX:
+        raise InvalidJobError(
+            f"priority {priority} is outside the smallint range "
+            f"{SMALLINT_MIN}..{SMALLINT_MAX} (lower numbers run first; the default is 100)"
+        )
+    return priority
+
+
+def _check_run_at(run_at: object) -> datetime.datetime:
+    if not isinstance(run_at, datetime.datetime):
+        raise InvalidJobError(
+            f"run_at must be a timezone-aware datetime, got {run_at!r} "
+            f"of type {type(run_at).__name__}"
+        )
+    if run_at.tzinfo is None or run_at.utcoffset() is None:
+        raise InvalidJobError(
+            f"run_at {run_at.isoformat()} has no time zone; pass an aware datetime such as "
+            "datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    return run_at
+
+
+def job_values(
+    job_class: str | JobDefinition[Any],
+    args: Sequence[Any],
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime.datetime | None = None,
+) -> dict[str, Any]:
+    """Check a job's fields and return the column values to insert.
+
+    Only the fields that were given appear in the result, so the others take the database
+    defaults. A :class:`~sqlalchemy_que.JobDefinition` supplies its name and its default
+    queue and priority. ``args`` comes back as compact JSON text.
+
+    :raises InvalidJobError: naming the first bad field and value.
+    """
+    if not isinstance(job_class, str):
+        from .jobs import JobDefinition  # noqa: PLC0415  (jobs imports this module)
+
+        if not isinstance(job_class, JobDefinition):
+            raise InvalidJobError(
+                f"job_class must be a str or a JobDefinition, got {job_class!r} "
+                f"of type {type(job_class).__name__}"
+            )
+        queue = job_class.queue if queue is None else queue
+        priority = job_class.priority if priority is None else priority
+        job_class = job_class.name
+    values: dict[str, Any] = {
+        "job_class": _check_text("job_class", job_class, allow_empty=False),
+        "args": _PreDumped(dump_args(args)),
+    }
+    if queue is not None:
+        values["queue"] = _check_text("queue", queue, allow_empty=True)
+    if priority is not None:
+        values["priority"] = check_priority(priority)
+    if run_at is not None:
+        values["run_at"] = _check_run_at(run_at)
+    return values
+
+
+def enqueue(
+    job_class: str | JobDefinition[Any],
+    *args: Any,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime.datetime | None = None,
+) -> QueJob:
+    """Build a checked, unsaved :class:`~sqlalchemy_que.QueJob` for ``session.add()``.
+
+    Nothing is sent and nothing is committed: the job is inserted at the session's next flush,
+    in the session's transaction. Fields left out take the database defaults.
+
+    :param job_class: the job's name, as workers in any language know it (``"SendEmail"``,
+        ``"Billing::ChargeJob"``), or a :class:`~sqlalchemy_que.JobDefinition`.
+    :param args: the job's positional arguments; plain JSON values only (str, int, finite
+        float, bool, None, lists, dicts with str keys).
+    :param queue: the queue's name; default the definition's queue, else ``''``.
+    :param priority: -32768..32767, lower runs first; default the definition's, else 100.
+    :param run_at: a timezone-aware time before which the job does not run; default ``now()``
+        by the database clock.
+    :raises InvalidJobError: naming the bad value, before anything is sent.
+    """
+    values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
+    values["args"] = list(args)
+    return QueJob(**values)
+
+
+def insert_job(
+    bind: Bind,
+    job_class: str | JobDefinition[Any],
+    *args: Any,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime.datetime | None = None,
+) -> int:
+    """Insert one job with a single ``INSERT ... RETURNING`` in ``bind``'s transaction.
+
+    The Core counterpart of :func:`enqueue`, for code that holds a ``Connection`` (it also
+    accepts a ``Session``). It never commits. Parameters as for :func:`enqueue`.
+
+    :returns: the new job's ``job_id``.
+    :raises InvalidJobError: naming the bad value, before anything is sent.
+    """
+    values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
+    job_id: int = bind.execute(
+        insert(QueJob.__table__).values(values).returning(QueJob.__table__.c.job_id)
+    ).scalar_one()
+    return job_id
+
+
+_COPY_ORDER = ("job_class", "args", "queue", "priority", "run_at")
+
+
+def _values_of(job: QueJob) -> dict[str, Any]:
+    state = job.__dict__
+    return job_values(
+        state["job_class"] if "job_class" in state else None,  # type: ignore[arg-type]
+        state.get("args", []),
+        queue=state.get("queue"),
+        priority=state.get("priority"),
+        run_at=state.get("run_at"),
+    )
+
+
+def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
+    """Insert many jobs in ``bind``'s transaction with PostgreSQL's ``COPY``.
+
+    Build the jobs with :func:`enqueue`; they are not added to any session. Every job is
+    checked before the first row is sent, so a bad one leaves nothing behind. Jobs that leave
+    different fields unset are copied in separate groups, so unset fields still take the
+    database defaults. It never commits.
+
+    :returns: the number of jobs inserted.
+    :raises InvalidJobError: naming the bad job and value, before anything is sent.
+    """
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    count = 0
+    for index, job in enumerate(jobs):
+        if not isinstance(job, QueJob):
+            raise InvalidJobError(
+                f"jobs[{index}] is {job!r}; build each job with sqlalchemy_que.enqueue()"
+            )
+        try:
+            values = _values_of(job)
+        except InvalidJobError as exc:
+            raise InvalidJobError(f"jobs[{index}]: {exc}") from None
+        columns = tuple(name for name in _COPY_ORDER if name in values)
+        groups.setdefault(columns, []).append(tuple(values[name] for name in columns))
+        count += 1
+    if not count:
+        return 0
+    connection = bind.connection() if isinstance(bind, Session | scoped_session) else bind
+    if not connection.in_transaction():
+        connection.begin()
+    raw = connection.connection.driver_connection
+    if raw is None:  # pragma: no cover - a detached connection cannot be written to
+        raise InvalidJobError("the connection is closed")
+    table = connection.dialect.identifier_preparer.format_table(QueJob.__table__)
+    with raw.cursor() as cursor:
+        for columns, rows in groups.items():
+            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+    return count

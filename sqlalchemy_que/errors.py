@@ -1,0 +1,62 @@
+"""Exceptions raised by sqlalchemy-que.
+
+Every exception the library raises on purpose derives from :class:`QueError`, so one
+``except sqlalchemy_que.QueError`` catches them all::
+
+    QueError
+    ├── InvalidJobError      (also a ValueError) a job field was refused before anything was sent
+    ├── SchemaError          que_jobs is missing, not at the expected version, or Que 1.x/2.x's
+    │   └── UnsupportedSchemaError   the table belongs to Que 1.x/2.x (comment '4'..'7')
+    └── WorkerError          a worker or pool was misconfigured or could not start
+
+Errors from the database driver are not wrapped when they concern the caller's own
+transaction (an ``INSERT`` refused by the server is the caller's ``sqlalchemy.exc.DBAPIError``);
+where the library adds meaning it raises its own error ``from`` the driver's.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidJobError",
+    "QueError",
+    "SchemaError",
+    "UnsupportedSchemaError",
+    "WorkerError",
+]
+
+
+class QueError(Exception):
+    """The root of every exception sqlalchemy-que raises on purpose."""
+
+
+class InvalidJobError(QueError, ValueError):
+    """A job's field was refused before anything was sent to the database.
+
+    The message names the field and the offending value. Nothing has been written, and the
+    caller's session or transaction is left as it was.
+    """
+
+
+class SchemaError(QueError):
+    """The database's ``que_jobs`` table is missing or is not the one this library expects.
+
+    The message says what was found and the command that fixes it.
+    """
+
+
+class UnsupportedSchemaError(SchemaError):
+    """``que_jobs`` was created by Que 1.x or 2.x (table comment ``'4'`` to ``'7'``).
+
+    That table has another shape; working or migrating it as a Que 0.x table would corrupt it.
+
+    :ivar version: the schema version read from the table comment.
+    """
+
+    def __init__(self, message: str, *, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+class WorkerError(QueError):
+    """A worker or worker pool is misconfigured or cannot start (for example, an Engine whose
+    connection pool is smaller than the number of workers)."""

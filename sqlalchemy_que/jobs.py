@@ -1,0 +1,291 @@
+"""Declaring jobs once, with types, and enqueueing them by reference.
+
+A job is a function whose first parameter receives the running job (a :class:`JobContext`)
+and whose other parameters are the job's positional arguments. :func:`job` turns it into a
+:class:`JobDefinition` carrying the name other languages know it by, its default queue and
+priority, and its retry delay::
+
+    from sqlalchemy_que import JobContext, JobRegistry
+
+    jobs = JobRegistry()
+
+    @jobs.job("SendEmail", queue="mail", priority=10)
+    def send_email(job: JobContext, user_id: int, template: str = "welcome") -> None:
+        ...
+
+    session.add(send_email.enqueue(42, template="reset"))   # type-checked arguments
+    session.add(send_email.options(priority=1).enqueue(42))
+
+Keyword arguments are bound to their positions when the job is enqueued, because Que stores
+positional arguments only (Ruby Que 0.x has no keyword arguments). The plain string form,
+``enqueue("SendEmail", 42)``, stays available for jobs handled by other languages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
+
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
+from .enqueue import Bind, check_priority, enqueue, insert_job
+from .errors import InvalidJobError
+from .model import QueJob
+
+__all__ = [
+    "JobContext",
+    "JobDefinition",
+    "JobRegistry",
+    "RetryDelay",
+    "default_retry_delay",
+    "job",
+]
+
+P = ParamSpec("P")
+
+#: A retry delay in seconds: a constant, or a function of the job's new error count.
+RetryDelay: TypeAlias = "float | Callable[[int], float]"
+
+
+def default_retry_delay(error_count: int) -> float:
+    """Que's retry delay: ``error_count ** 4 + 3`` seconds (4, 19, 84, 259, 628...)."""
+    return float(error_count**4 + 3)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobContext:
+    """The job a handler is working, passed as the handler's first argument.
+
+    :ivar session: a ``Session`` bound to the worker's locked connection. What the handler does
+        through it commits in the same transaction as the job's completion (its ``DELETE``), or
+        is rolled back if the handler raises. Do not commit it yourself.
+    :ivar connection: the same transaction as a Core ``Connection``.
+    """
+
+    job_id: int
+    job_class: str
+    queue: str
+    priority: int
+    run_at: datetime.datetime
+    error_count: int
+    last_error: str | None
+    args: list[Any]
+    session: Session
+    connection: Connection
+
+
+Handler: TypeAlias = "Callable[..., object]"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JobDefinition(Generic[P]):
+    """A job declared once: its handler, name and defaults. Made by :func:`job`.
+
+    Calling the definition calls the handler directly (handy in tests).
+    """
+
+    name: str
+    handler: Callable[Concatenate[JobContext, P], object]
+    queue: str | None = None
+    priority: int | None = None
+    retry_delay: RetryDelay | None = None
+    run_at: datetime.datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidJobError(f"a job's name must be a non-empty str, got {self.name!r}")
+        if self.priority is not None:
+            check_priority(self.priority)
+        if self.queue is not None and not isinstance(self.queue, str):
+            raise InvalidJobError(f"queue must be a str, got {self.queue!r}")
+        delay = self.retry_delay
+        if delay is not None and not callable(delay) and (
+            isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0
+        ):
+            raise InvalidJobError(
+                f"retry_delay must be seconds >= 0 or a function of the error count, got {delay!r}"
+            )
+        _positional_parameters(self.handler, self.name)
+
+    def __call__(self, job: JobContext, *args: P.args, **kwargs: P.kwargs) -> object:
+        return self.handler(job, *args, **kwargs)
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        run_at: datetime.datetime | None = None,
+    ) -> JobDefinition[P]:
+        """Return a copy that enqueues with other queue, priority or run_at."""
+        changes: dict[str, Any] = {}
+        if queue is not None:
+            changes["queue"] = queue
+        if priority is not None:
+            changes["priority"] = priority
+        if run_at is not None:
+            changes["run_at"] = run_at
+        return dataclasses.replace(self, **changes)
+
+    def positional(self, *args: P.args, **kwargs: P.kwargs) -> list[Any]:
+        """Bind the arguments to the handler's signature and return them in position order.
+
+        :raises InvalidJobError: when they do not fit the handler's signature.
+        """
+        parameters = _positional_parameters(self.handler, self.name)
+        try:
+            bound = inspect.Signature(parameters).bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidJobError(f"arguments for job {self.name!r} do not fit: {exc}") from None
+        values: list[Any] = []
+        pending: list[Any] = []  # defaults of skipped parameters, used if a later one is given
+        for parameter in parameters:
+            if parameter.name in bound.arguments:
+                given = bound.arguments[parameter.name]
+                values.extend(pending)
+                pending.clear()
+                if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                    values.extend(given)
+                else:
+                    values.append(given)
+            elif parameter.default is not inspect.Parameter.empty:
+                pending.append(parameter.default)
+        return values
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> QueJob:
+        """Build a checked :class:`~sqlalchemy_que.QueJob` for ``session.add()``."""
+        return enqueue(self, *self.positional(*args, **kwargs), run_at=self.run_at)
+
+    def insert(self, bind: Bind, /, *args: P.args, **kwargs: P.kwargs) -> int:
+        """Insert the job on a Core ``Connection`` (or ``Session``); return its ``job_id``."""
+        return insert_job(bind, self, *self.positional(*args, **kwargs), run_at=self.run_at)
+
+    def delay_for(self, error_count: int) -> float:
+        """The retry delay in seconds after the job's ``error_count``-th failure."""
+        delay = self.retry_delay
+        if delay is None:
+            return default_retry_delay(error_count)
+        if callable(delay):
+            return float(delay(error_count))
+        return float(delay)
+
+
+def _positional_parameters(handler: Handler, name: str) -> list[inspect.Parameter]:
+    """The handler's parameters after the first (the JobContext), all positional.
+
+    :raises InvalidJobError: for keyword-only parameters or ``**kwargs``, which Que's
+        positional argument arrays cannot carry.
+    """
+    if not callable(handler):
+        raise InvalidJobError(f"the handler of job {name!r} is {handler!r}, not a function")
+    try:
+        parameters = list(inspect.signature(handler).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: accept anything
+        return [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
+    if not parameters or parameters[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+            return parameters
+        raise InvalidJobError(
+            f"the handler of job {name!r} must take the running job (JobContext) as its "
+            "first positional parameter"
+        )
+    rest = parameters[1:]
+    for parameter in rest:
+        if parameter.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD):
+            raise InvalidJobError(
+                f"the handler of job {name!r} has the keyword-only parameter "
+                f"{parameter.name!r}; Que passes positional arguments only"
+            )
+    return rest
+
+
+def job(
+    name: str,
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    retry_delay: RetryDelay | None = None,
+) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
+    """Declare a job: decorate its handler to get a :class:`JobDefinition`.
+
+    :param name: the ``job_class`` stored in ``que_jobs``; for jobs shared with Ruby, the Ruby
+        class name (``"Billing::ChargeJob"``). Keep it stable: queued jobs refer to it.
+    :param queue: the default queue when enqueueing; default ``''``.
+    :param priority: the default priority when enqueueing; default 100.
+    :param retry_delay: seconds to wait before a retry, constant or a function of the new error
+        count; default :func:`default_retry_delay` (``count ** 4 + 3``).
+    """
+
+    def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
+        return JobDefinition(
+            name=name, handler=handler, queue=queue, priority=priority, retry_delay=retry_delay
+        )
+
+    return decorate
+
+
+class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
+    """A set of job definitions by name: what a worker is given to know which jobs it runs.
+
+    ``registry.job(...)`` declares and registers in one step; :meth:`add` registers existing
+    definitions. Plain mappings of ``{"Name": handler}`` work for workers too.
+    """
+
+    def __init__(self, definitions: Mapping[str, Any] | None = None) -> None:
+        self._definitions: dict[str, JobDefinition[Any]] = {}
+        for name, handler in (definitions or {}).items():
+            if isinstance(handler, JobDefinition):
+                self.add(handler if handler.name == name else dataclasses.replace(handler, name=name))
+            else:
+                self.add(JobDefinition(name=name, handler=handler))
+
+    def add(self, *definitions: JobDefinition[Any]) -> None:
+        """Register definitions.
+
+        :raises InvalidJobError: when a name is already registered to another handler.
+        """
+        for definition in definitions:
+            existing = self._definitions.get(definition.name)
+            if existing is not None and existing is not definition:
+                raise InvalidJobError(
+                    f"job {definition.name!r} is already registered to {existing.handler!r}"
+                )
+            self._definitions[definition.name] = definition
+
+    def job(
+        self,
+        name: str,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        retry_delay: RetryDelay | None = None,
+    ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
+        """Like :func:`job`, and register the definition here."""
+
+        def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
+            definition = job(name, queue=queue, priority=priority, retry_delay=retry_delay)(
+                handler
+            )
+            self.add(definition)
+            return definition
+
+        return decorate
+
+    def __getitem__(self, name: str) -> JobDefinition[Any]:
+        return self._definitions[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._definitions)
+
+    def __len__(self) -> int:
+        return len(self._definitions)
+
+    def __repr__(self) -> str:
+        return f"JobRegistry({sorted(self._definitions)!r})"

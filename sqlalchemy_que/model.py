@@ -1,0 +1,96 @@
+"""The ``que_jobs`` table, as Que 0.x (schema version 3) defines it.
+
+:class:`QueJob` maps the table that Ruby Que 0.x and que-go share with this library. Its
+columns, their order, defaults, primary key name, sequence name and table comment are part of a
+cross-language contract, so the model is written out column by column rather than left to
+conventions::
+
+    from sqlalchemy_que import QueJob, enqueue
+
+    with Session(engine) as session:
+        session.add(enqueue("SendEmail", 42))
+        session.commit()
+        print(session.scalars(select(QueJob.job_class)).all())
+
+The model lives on the library's own :data:`metadata`. An application with its own declarative
+``Base`` keeps both: it lists ``[Base.metadata, sqlalchemy_que.metadata]`` as Alembic's
+``target_metadata`` so that autogenerate knows the table and neither drops nor re-creates it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from ._json import CompactJSON
+
+__all__ = ["SCHEMA_VERSION", "TABLE_NAME", "QueJob", "metadata"]
+
+#: The Que 0.x schema version this library implements; stored as the table's comment.
+SCHEMA_VERSION = 3
+
+#: The table's name, shared with Ruby Que 0.x and que-go.
+TABLE_NAME = "que_jobs"
+
+#: The metadata that holds :class:`QueJob`'s table and nothing else.
+metadata = MetaData()
+
+class _Base(DeclarativeBase):
+    metadata = metadata
+
+
+class QueJob(_Base):
+    """One job in ``que_jobs``.
+
+    Build instances with :func:`sqlalchemy_que.enqueue`, which validates every field; the
+    constructor is still usable for the rare direct write. Unset fields take the database's
+    defaults when the row is inserted: ``queue=''``, ``priority=100``, ``run_at=now()`` and
+    ``args='[]'``.
+
+    The primary key is ``(queue, priority, run_at, job_id)``, the order in which workers look
+    for jobs. ``job_id`` comes from the sequence ``que_jobs_job_id_seq``.
+    """
+
+    __tablename__ = TABLE_NAME
+    __table_args__ = (
+        PrimaryKeyConstraint("queue", "priority", "run_at", "job_id", name="que_jobs_pkey"),
+        {"comment": str(SCHEMA_VERSION)},
+    )
+
+    # Physical column order matters (Ruby's specs check ``SELECT *``): keep it as declared.
+    priority: Mapped[int] = mapped_column(
+        SmallInteger, nullable=False, server_default=text("100"), autoincrement=False
+    )
+    run_at: Mapped[datetime.datetime] = mapped_column(
+        DateTime(timezone=True),  # timestamptz
+        nullable=False,
+        server_default=text("now()"),
+    )
+    job_id: Mapped[int] = mapped_column(BigInteger, nullable=False, autoincrement=True)
+    job_class: Mapped[str] = mapped_column(Text, nullable=False)
+    args: Mapped[list[Any]] = mapped_column(
+        CompactJSON, nullable=False, server_default=text("'[]'::json")
+    )
+    error_count: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queue: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
+
+    def __repr__(self) -> str:
+        return (
+            f"<QueJob job_id={self.job_id!r} job_class={self.job_class!r} "
+            f"queue={self.queue!r} priority={self.priority!r} run_at={self.run_at!r}>"
+        )

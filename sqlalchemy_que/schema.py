@@ -1,0 +1,180 @@
+"""Creating, adopting and checking the ``que_jobs`` table with Alembic.
+
+The library ships its Alembic revisions (branch label ``que``) inside the package. Apply them
+on their own, with a version table of their own (``sqlalchemy_que_version``) that never meets
+the application's::
+
+    import sqlalchemy_que
+    sqlalchemy_que.migrate(engine)
+
+or from the command line: ``sqlalchemy-que migrate --database-url URL`` (``--sql`` prints the
+SQL instead). An application with its own Alembic environment adds the revisions to it::
+
+    # alembic.ini, or in env.py through config.set_main_option
+    version_locations = %(here)s/migrations/versions <path printed by sqlalchemy_que.version_location()>
+
+and runs ``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made
+at schema version 3 is adopted as it is; a Que 1.x/2.x table is refused.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TextIO
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, text
+
+from .errors import SchemaError, UnsupportedSchemaError
+from .model import SCHEMA_VERSION, TABLE_NAME
+
+__all__ = [
+    "VERSION_TABLE",
+    "check_schema",
+    "migrate",
+    "migrate_sql",
+    "migrations_path",
+    "schema_version",
+    "version_location",
+]
+
+#: The version table of the standalone migrations, apart from the application's own.
+VERSION_TABLE = "sqlalchemy_que_version"
+
+# Serialises concurrent standalone migrations (two workers starting at once). The two-int form
+# keeps it out of the one-bigint key space that job locks use.
+_MIGRATION_LOCK = text("SELECT pg_advisory_xact_lock(20837, 1)")
+
+_READ_VERSION = text(
+    "SELECT obj_description(c.oid, 'pg_class') FROM pg_class AS c "
+    "WHERE c.oid = to_regclass(:table)"
+)
+
+
+def migrations_path() -> Path:
+    """The folder of the shipped Alembic environment (its ``env.py`` and ``versions/``).
+
+    In an installed wheel it sits inside the package; in a source checkout it is the
+    repository's top-level ``migrations/`` folder.
+    """
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise SchemaError(  # pragma: no cover - a broken installation
+        f"sqlalchemy-que's migrations are missing from {here}; reinstall the package"
+    )
+
+
+def version_location() -> str:
+    """The absolute path of our revisions, for an application's Alembic ``version_locations``."""
+    return str(migrations_path() / "versions")
+
+
+def _config(*, output: TextIO | None = None) -> Config:
+    config = Config(output_buffer=output) if output is not None else Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    config.set_main_option("version_table", VERSION_TABLE)
+    return config
+
+
+def migrate(bind: Engine | Connection, *, revision: str = "heads") -> None:
+    """Bring the database's ``que_jobs`` table up to ``revision`` (default: the newest).
+
+    Creates the table, or adopts one that Ruby Que or que-go made at version 3, and records
+    the revision in ``sqlalchemy_que_version``. Given an Engine it commits its own
+    transaction; given a Connection it runs in the caller's transaction and does not commit.
+
+    :raises UnsupportedSchemaError: when ``que_jobs`` is a Que 1.x/2.x table.
+    :raises SchemaError: when ``que_jobs`` is something else this library cannot adopt.
+    """
+    if isinstance(bind, Engine):
+        with bind.begin() as connection:
+            migrate(connection, revision=revision)
+        return
+    bind.execute(_MIGRATION_LOCK)
+    config = _config()
+    config.attributes["connection"] = bind
+    command.upgrade(config, revision)
+
+
+def downgrade(bind: Engine | Connection, *, revision: str = "base") -> None:
+    """Step the standalone migrations back down to ``revision`` (default: remove everything).
+
+    Refuses to drop ``que_jobs`` while it holds jobs.
+    """
+    if isinstance(bind, Engine):
+        with bind.begin() as connection:
+            downgrade(connection, revision=revision)
+        return
+    bind.execute(_MIGRATION_LOCK)
+    config = _config()
+    config.attributes["connection"] = bind
+    command.downgrade(config, revision)
+
+
+def migrate_sql(*, revision: str = "heads") -> str:
+    """The SQL that :func:`migrate` would run on an empty database, for offline review."""
+    output = io.StringIO()
+    command.upgrade(_config(output=output), revision, sql=True)
+    return output.getvalue()
+
+
+def schema_version(bind: Connection) -> int:
+    """The Que schema version of ``que_jobs`` as Que reads it: 0 when there is no table, 1
+    for a table without a comment, else the number in the comment.
+
+    :raises SchemaError: when the comment is not a number.
+    """
+    row = bind.execute(_READ_VERSION, {"table": TABLE_NAME}).first()
+    if row is None:
+        return 0
+    comment = row[0]
+    if comment is None:
+        return 1
+    try:
+        return int(comment)
+    except ValueError:
+        raise SchemaError(
+            f"{TABLE_NAME} has the table comment {comment!r}, which is not a Que schema version"
+        ) from None
+
+
+def _head_revisions() -> set[str]:
+    return set(ScriptDirectory.from_config(_config()).get_heads())
+
+
+def check_schema(bind: Connection) -> None:
+    """Raise unless ``que_jobs`` is a Que 0.x version 3 table that workers can use.
+
+    When the standalone version table exists it must be at the newest revision too.
+
+    :raises UnsupportedSchemaError: for a Que 1.x/2.x table.
+    :raises SchemaError: for a missing table or one at an older version, with the command
+        that fixes it.
+    """
+    version = schema_version(bind)
+    fix = "run `sqlalchemy-que migrate` (or sqlalchemy_que.migrate(engine))"
+    if version == 0:
+        raise SchemaError(f"there is no {TABLE_NAME} table in this database; {fix}")
+    if 4 <= version <= 7:
+        raise UnsupportedSchemaError(
+            f"{TABLE_NAME} is at Que schema version {version} (Que 1.x/2.x); sqlalchemy-que "
+            f"works Que 0.x tables (version {SCHEMA_VERSION}) only",
+            version=version,
+        )
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{TABLE_NAME} is at Que schema version {version}, not {SCHEMA_VERSION}; {fix}"
+        )
+    context = MigrationContext.configure(bind, opts={"version_table": VERSION_TABLE})
+    current = set(context.get_current_heads())
+    if current and current != _head_revisions():
+        raise SchemaError(
+            f"the sqlalchemy-que migrations are at {sorted(current)}, not at the newest "
+            f"{sorted(_head_revisions())}; {fix}"
+        )

@@ -1,0 +1,127 @@
+"""Test fixtures: a real PostgreSQL, found or started once per test session.
+
+The server comes from :func:`sqlalchemy_que.testing.test_database_url`:
+``QUE_TEST_DATABASE_URL``, else testcontainers when a Docker engine answers, else a throwaway
+cluster from the local server binaries. Tests that use the database are marked ``db``; with
+``QUE_REQUIRE_DB_TESTS=1`` (set by CI) the run fails if none of them passed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import Connection, Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session
+
+import sqlalchemy_que
+from sqlalchemy_que.testing import test_database_url
+
+DB_FIXTURES = {"database_url", "engine", "session", "connection", "empty_database_url"}
+
+_ADVISORY_LOCKS = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
+
+
+_db_passed = 0
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    global _db_passed
+    if report.when == "call" and report.passed and "db" in report.keywords:
+        _db_passed += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("QUE_REQUIRE_DB_TESTS") == "1" and _db_passed == 0:
+        print("\nQUE_REQUIRE_DB_TESTS=1 but no database test passed: failing the run")
+        session.exitstatus = 1
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "db: uses the real PostgreSQL (added automatically)")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with test_database_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def _migrated_engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url, pool_size=20, max_overflow=20)
+    sqlalchemy_que.migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def wait_for(
+    condition: Callable[[], object], *, timeout: float = 10.0, message: str = "condition"
+) -> None:
+    """Poll ``condition`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(0.01)
+
+
+def advisory_lock_count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(_ADVISORY_LOCKS).scalar_one())
+
+
+@pytest.fixture
+def engine(_migrated_engine: Engine) -> Iterator[Engine]:
+    """The migrated test database, with an empty ``que_jobs``; after the test no advisory lock
+    may be left behind."""
+    with _migrated_engine.begin() as connection:
+        connection.execute(text("DELETE FROM que_jobs"))
+    yield _migrated_engine
+    wait_for(
+        lambda: advisory_lock_count(_migrated_engine) == 0,
+        message="every advisory lock to be released after the test",
+    )
+
+
+@pytest.fixture
+def connection(engine: Engine) -> Iterator[Connection]:
+    """A connection inside an outer transaction that is rolled back after the test."""
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        yield connection
+        if transaction.is_active:
+            transaction.rollback()
+
+
+@pytest.fixture
+def session(connection: Connection) -> Iterator[Session]:
+    """A Session joined to :func:`connection`'s outer transaction: its commits become
+    savepoints, and everything is rolled back after the test."""
+    with Session(bind=connection, join_transaction_mode="create_savepoint") as session:
+        yield session
+
+
+@pytest.fixture
+def empty_database_url(database_url: str, _migrated_engine: Engine) -> Iterator[str]:
+    """A new, empty database on the test server, dropped after the test."""
+    name = f"que_test_{uuid.uuid4().hex[:12]}"
+    admin = _migrated_engine.execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(database_url).set(database=name)
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

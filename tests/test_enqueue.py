@@ -1,0 +1,276 @@
+"""Enqueue: the ORM, Core and bulk forms, the checks on every field, and the round trip of
+arguments, on a real PostgreSQL (contract sections 2 and 7)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy.orm import Session
+
+import sqlalchemy_que as que
+from sqlalchemy_que import InvalidJobError, QueJob, enqueue, insert_job, insert_jobs
+
+UTC = datetime.timezone.utc
+
+
+def rows(bind: Connection | Session) -> list[dict[str, Any]]:
+    result = bind.execute(
+        text(
+            "SELECT priority, run_at, job_id, job_class, args::text AS args, error_count, "
+            "last_error, queue FROM que_jobs ORDER BY job_id"
+        )
+    )
+    return [dict(row._mapping) for row in result]
+
+
+def test_bare_enqueue_takes_the_database_defaults(session: Session) -> None:
+    session.add(enqueue("SendEmail"))
+    session.flush()
+    now = session.execute(select(func.now())).scalar_one()
+    (row,) = rows(session)
+    assert row["queue"] == ""
+    assert row["priority"] == 100
+    assert row["run_at"] == now  # the database clock: now() of the inserting transaction
+    assert row["args"] == "[]"
+    assert row["error_count"] == 0
+    assert row["last_error"] is None
+    assert row["job_class"] == "SendEmail"
+
+
+def test_args_are_stored_as_a_compact_json_array_with_string_keys(session: Session) -> None:
+    session.add(enqueue("Billing::ChargeJob", 1, "two", {"three": 3, "nested": [None, True]}))
+    session.flush()
+    (row,) = rows(session)
+    assert row["job_class"] == "Billing::ChargeJob"  # stored verbatim
+    assert row["args"] == '[1,"two",{"three":3,"nested":[null,true]}]'
+
+
+def test_non_ascii_text_is_stored_unescaped(session: Session) -> None:
+    session.add(enqueue("Greet", "héllo wörld ☃", {"名前": "太郎"}))
+    session.flush()
+    assert rows(session)[0]["args"] == '["héllo wörld ☃",{"名前":"太郎"}]'
+
+
+def test_priority_queue_and_run_at_are_honoured(session: Session) -> None:
+    run_at = datetime.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    session.add(enqueue("Report", priority=0, queue="reports", run_at=run_at))
+    session.add(enqueue("Report", priority=-32768))
+    session.add(enqueue("Report", priority=32767))
+    session.flush()
+    first, low, high = rows(session)
+    assert (first["priority"], first["queue"], first["run_at"]) == (0, "reports", run_at)
+    assert low["priority"] == -32768
+    assert high["priority"] == 32767
+
+
+def test_run_at_keeps_microseconds_across_time_zones(session: Session) -> None:
+    tokyo = datetime.timezone(datetime.timedelta(hours=9))
+    run_at = datetime.datetime(2030, 1, 1, 9, 0, 0, 1, tzinfo=tokyo)
+    job = enqueue("Later", run_at=run_at)
+    session.add(job)
+    session.flush()
+    assert rows(session)[0]["run_at"] == run_at
+    assert rows(session)[0]["run_at"].astimezone(UTC) == datetime.datetime(
+        2030, 1, 1, 0, 0, 0, 1, tzinfo=UTC
+    )
+
+
+def test_the_returned_model_carries_the_generated_key(session: Session) -> None:
+    job = enqueue("SendEmail", 7)
+    session.add(job)
+    session.flush()
+    assert job.job_id == rows(session)[0]["job_id"]
+    assert job.priority == 100
+    assert job.queue == ""
+    assert job.args == [7]
+
+
+@pytest.fixture
+def users(engine: Engine) -> Engine:
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS test_users"))
+        connection.execute(text("CREATE TABLE test_users (id serial PRIMARY KEY, email text)"))
+    return engine
+
+
+def counts(engine: Engine) -> tuple[int, int]:
+    with engine.connect() as connection:
+        users = connection.execute(text("SELECT count(*) FROM test_users")).scalar_one()
+        jobs = connection.execute(text("SELECT count(*) FROM que_jobs")).scalar_one()
+    return users, jobs
+
+
+def test_enqueue_commits_with_the_callers_changes(users: Engine) -> None:
+    with Session(users) as session:
+        user_id = session.execute(
+            text("INSERT INTO test_users (email) VALUES ('ada@example.com') RETURNING id")
+        ).scalar_one()
+        session.add(enqueue("SendWelcomeEmail", user_id))
+        assert counts(users) == (0, 0)  # nothing visible before the caller commits
+        session.commit()
+    assert counts(users) == (1, 1)
+
+
+def test_enqueue_vanishes_with_the_callers_rollback(users: Engine) -> None:
+    with Session(users) as session:
+        session.execute(text("INSERT INTO test_users (email) VALUES ('ada@example.com')"))
+        session.add(enqueue("SendWelcomeEmail", 1))
+        session.flush()
+        session.rollback()
+    assert counts(users) == (0, 0)
+
+
+def test_core_insert_joins_the_connections_transaction(users: Engine) -> None:
+    with users.connect() as connection:
+        job_id = insert_job(connection, "SendEmail", 1, queue="mail", priority=5)
+        assert isinstance(job_id, int)
+        connection.rollback()
+    assert counts(users) == (0, 0)
+    with users.begin() as connection:
+        job_id = insert_job(connection, "SendEmail", 1, queue="mail", priority=5)
+    with users.connect() as connection:
+        (row,) = rows(connection)
+    assert (row["job_id"], row["queue"], row["priority"], row["args"]) == (job_id, "mail", 5, "[1]")
+
+
+def test_core_insert_accepts_a_session(session: Session) -> None:
+    job_id = insert_job(session, "SendEmail", "x")
+    assert rows(session)[0]["job_id"] == job_id
+
+
+def test_bulk_insert_writes_every_job_with_defaults_per_field(connection: Connection) -> None:
+    run_at = datetime.datetime(2040, 1, 1, tzinfo=UTC)
+    jobs = [enqueue("Bulk", index) for index in range(500)]
+    jobs.append(enqueue("Bulk", "special", queue="other", priority=0, run_at=run_at))
+    assert insert_jobs(connection, jobs) == 501
+    now = connection.execute(select(func.now())).scalar_one()
+    stored = rows(connection)
+    assert len(stored) == 501
+    plain = [row for row in stored if row["queue"] == ""]
+    assert [row["args"] for row in plain] == [f"[{index}]" for index in range(500)]
+    assert {(row["priority"], row["run_at"]) for row in plain} == {(100, now)}
+    (special,) = [row for row in stored if row["queue"] == "other"]
+    assert (special["priority"], special["run_at"], special["args"]) == (0, run_at, '["special"]')
+
+
+def test_bulk_insert_is_rolled_back_with_the_caller(users: Engine) -> None:
+    with users.connect() as connection:
+        insert_jobs(connection, [enqueue("Bulk", index) for index in range(10)])
+        connection.rollback()
+    assert counts(users) == (0, 0)
+    with users.connect() as connection:
+        insert_jobs(connection, [enqueue("Bulk", index) for index in range(10)])
+        connection.commit()
+    assert counts(users) == (0, 10)
+
+
+def test_bulk_insert_through_a_session_commits_with_it(users: Engine) -> None:
+    with Session(users) as session:
+        session.execute(text("INSERT INTO test_users (email) VALUES ('a@example.com')"))
+        assert insert_jobs(session, (enqueue("Bulk", index) for index in range(3))) == 3
+        session.commit()
+    assert counts(users) == (1, 3)
+
+
+def test_bulk_insert_of_nothing_sends_nothing(connection: Connection) -> None:
+    assert insert_jobs(connection, []) == 0
+    assert rows(connection) == []
+
+
+def test_bulk_insert_with_one_bad_job_writes_none(connection: Connection) -> None:
+    good = enqueue("Bulk", 1)
+    bad = QueJob(job_class="Bulk", args=[math.nan])
+    with pytest.raises(InvalidJobError, match=r"jobs\[1\]: args\[0\] is nan"):
+        insert_jobs(connection, [good, bad])
+    with pytest.raises(InvalidJobError, match=r"jobs\[0\] is 'Bulk'"):
+        insert_jobs(connection, ["Bulk"])  # type: ignore[list-item]
+    assert rows(connection) == []
+
+
+class NotJSON:
+    def __repr__(self) -> str:
+        return "<NotJSON>"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: enqueue(""), r"job_class must be a non-empty str naming the job, got ''"),
+        (lambda: enqueue(42), r"job_class must be a str or a JobDefinition, got 42 of type int"),
+        (lambda: enqueue(None), r"job_class must be a str or a JobDefinition, got None"),
+        (lambda: enqueue("A\x00B"), r"job_class 'A\\x00B' contains a NUL character"),
+        (lambda: enqueue("Job", NotJSON()), r"args\[0\] is <NotJSON> of type NotJSON"),
+        (lambda: enqueue("Job", 1, {"when": datetime.date(2020, 1, 2)}),
+         r"args\[1\]\['when'\] is datetime.date\(2020, 1, 2\) of type date"),
+        (lambda: enqueue("Job", {1: "a"}), r"args\[0\] has the key 1 of type int"),
+        (lambda: enqueue("Job", math.nan), r"args\[0\] is nan; NaN and Infinity"),
+        (lambda: enqueue("Job", [1, math.inf]), r"args\[0\]\[1\] is inf"),
+        (lambda: enqueue("Job", -math.inf), r"args\[0\] is -inf"),
+        (lambda: enqueue("Job", b"bytes"), r"args\[0\] is b'bytes' of type bytes"),
+        (lambda: enqueue("Job", "\ud800"), r"args\[0\] is '\\ud800', which is not valid UTF-8"),
+        (lambda: enqueue("Job", priority=32768), r"priority 32768 is outside the smallint range"),
+        (lambda: enqueue("Job", priority=-32769), r"priority -32769 is outside the smallint"),
+        (lambda: enqueue("Job", priority="1"), r"priority must be an int, got '1' of type str"),
+        (lambda: enqueue("Job", priority=True), r"priority must be an int, got True of type bool"),
+        (lambda: enqueue("Job", priority=1.5), r"priority must be an int, got 1.5 of type float"),
+        (lambda: enqueue("Job", run_at=datetime.datetime(2030, 1, 1)),
+         r"run_at 2030-01-01T00:00:00 has no time zone"),
+        (lambda: enqueue("Job", run_at="2030-01-01"), r"run_at must be a timezone-aware datetime"),
+        (lambda: enqueue("Job", queue=5), r"queue must be a str, got 5 of type int"),
+        (lambda: enqueue("Job", queue=b"q"), r"queue must be a str, got b'q' of type bytes"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_value(call: Any, message: str) -> None:
+    with pytest.raises(InvalidJobError, match=message):
+        call()
+
+
+def test_invalid_job_error_is_a_value_error_and_a_que_error() -> None:
+    with pytest.raises(ValueError, match="priority"):
+        enqueue("Job", priority=10**6)
+    assert issubclass(InvalidJobError, que.QueError)
+
+
+def test_a_refused_enqueue_leaves_the_session_as_it_was(session: Session) -> None:
+    session.add(enqueue("Kept", 1))
+    with pytest.raises(InvalidJobError):
+        session.add(enqueue("Refused", math.nan))
+    with pytest.raises(InvalidJobError):
+        insert_job(session, "Refused", priority=99999)
+    session.commit()
+    assert [row["job_class"] for row in rows(session)] == ["Kept"]
+
+
+def test_core_insert_refuses_before_sending(connection: Connection) -> None:
+    with pytest.raises(InvalidJobError, match="run_at"):
+        insert_job(connection, "Job", run_at=datetime.datetime(2030, 1, 1))
+    # The transaction is still usable: nothing was sent, so nothing failed on the server.
+    insert_job(connection, "Job")
+    assert len(rows(connection)) == 1
+
+
+def test_direct_model_construction_is_checked_at_flush(session: Session) -> None:
+    session.add(QueJob(job_class="Direct", args=[{"x": math.inf}]))
+    with pytest.raises(Exception, match=r"args\[0\]\['x'\] is inf"):
+        session.flush()
+    session.rollback()
+
+
+def test_tuples_are_stored_as_arrays(session: Session) -> None:
+    session.add(enqueue("Job", (1, 2), [3, (4,)]))
+    session.flush()
+    assert rows(session)[0]["args"] == "[[1,2],[3,[4]]]"
+
+
+def test_json_dump_matches_the_stored_text_exactly(session: Session) -> None:
+    args: list[Any] = [0.1, 1e300, -0.0, 2**70, "\x00\n\t\"\\", {"": None}]
+    session.add(enqueue("Exact", *args))
+    session.flush()
+    stored = rows(session)[0]["args"]
+    assert stored == json.dumps(args, separators=(",", ":"), ensure_ascii=False)
+    assert json.loads(stored) == args
