@@ -18,34 +18,50 @@ from .errors import (
     InvalidJobError,
     QueError,
     SchemaError,
+    UnknownJobClassError,
     UnsupportedSchemaError,
     WorkerError,
 )
 from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
+from .locking import LockedJob, lock_job, unlock_job
 from .model import QueJob, metadata
 from .schema import check_schema, migrate, migrations_path, schema_version, version_location
+from .stats import JobStats, WorkerState, clear, job_stats, worker_states
+from .worker import Worker, WorkerPool, format_last_error
 
 __all__ = [
     "InvalidJobError",
     "JobContext",
     "JobDefinition",
     "JobRegistry",
+    "JobStats",
+    "LockedJob",
     "QueError",
     "QueJob",
     "SchemaError",
+    "UnknownJobClassError",
     "UnsupportedSchemaError",
+    "Worker",
     "WorkerError",
+    "WorkerPool",
+    "WorkerState",
     "check_schema",
+    "clear",
     "default_retry_delay",
     "enqueue",
+    "format_last_error",
     "insert_job",
     "insert_jobs",
     "job",
+    "job_stats",
+    "lock_job",
     "metadata",
     "migrate",
     "migrations_path",
     "schema_version",
+    "unlock_job",
     "version_location",
+    "worker_states",
 ]
 
 __version__ = "0.1.0"

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
-from sqlalchemy import Connection, insert
+from sqlalchemy import Connection, Table, insert
 from sqlalchemy.orm import Session, scoped_session
 
 from ._json import _PreDumped, dump_args
@@ -57,6 +57,13 @@ def _check_text(field: str, value: object, *, allow_empty: bool) -> str:
         raise InvalidJobError(f"{field} must be a non-empty str naming the job, got {value!r}")
     if "\x00" in value:
         raise InvalidJobError(f"{field} {value!r} contains a NUL character, which text cannot hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Found here, not by the driver halfway through a COPY that aborts the transaction.
+        raise InvalidJobError(
+            f"{field} {value!r} is not valid UTF-8 text (lone surrogate)"
+        ) from None
     return value
 
 
@@ -100,12 +107,12 @@ def job_values(
 
     Only the fields that were given appear in the result, so the others take the database
     defaults. A :class:`~sqlalchemy_que.JobDefinition` supplies its name and its default
-    queue and priority. ``args`` comes back as compact JSON text.
+    queue, priority and run_at. ``args`` comes back as compact JSON text.
 
     :raises InvalidJobError: naming the first bad field and value.
     """
     if not isinstance(job_class, str):
-        from .jobs import JobDefinition  # noqa: PLC0415  (jobs imports this module)
+        from .jobs import JobDefinition
 
         if not isinstance(job_class, JobDefinition):
             raise InvalidJobError(
@@ -114,6 +121,7 @@ def job_values(
             )
         queue = job_class.queue if queue is None else queue
         priority = job_class.priority if priority is None else priority
+        run_at = job_class.run_at if run_at is None else run_at
         job_class = job_class.name
     values: dict[str, Any] = {
         "job_class": _check_text("job_class", job_class, allow_empty=False),
@@ -146,8 +154,8 @@ def enqueue(
         float, bool, None, lists, dicts with str keys).
     :param queue: the queue's name; default the definition's queue, else ``''``.
     :param priority: -32768..32767, lower runs first; default the definition's, else 100.
-    :param run_at: a timezone-aware time before which the job does not run; default ``now()``
-        by the database clock.
+    :param run_at: a timezone-aware time before which the job does not run; default the
+        definition's (set by its ``options()``), else ``now()`` by the database clock.
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
     values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
@@ -172,9 +180,8 @@ def insert_job(
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
     values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
-    job_id: int = bind.execute(
-        insert(QueJob.__table__).values(values).returning(QueJob.__table__.c.job_id)
-    ).scalar_one()
+    table = cast(Table, QueJob.__table__)  # declared as FromClause; it is the mapped Table
+    job_id: int = bind.execute(insert(table).values(values).returning(table.c.job_id)).scalar_one()
     return job_id
 
 
@@ -184,7 +191,7 @@ _COPY_ORDER = ("job_class", "args", "queue", "priority", "run_at")
 def _values_of(job: QueJob) -> dict[str, Any]:
     state = job.__dict__
     return job_values(
-        state["job_class"] if "job_class" in state else None,  # type: ignore[arg-type]
+        state.get("job_class"),  # type: ignore[arg-type]  # checked by job_values
         state.get("args", []),
         queue=state.get("queue"),
         priority=state.get("priority"),

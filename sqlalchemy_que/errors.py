@@ -7,6 +7,8 @@ Every exception the library raises on purpose derives from :class:`QueError`, so
     ├── InvalidJobError      (also a ValueError) a job field was refused before anything was sent
     ├── SchemaError          que_jobs is missing, not at the expected version, or Que 1.x/2.x's
     │   └── UnsupportedSchemaError   the table belongs to Que 1.x/2.x (comment '4'..'7')
+    ├── UnknownJobClassError  a job's job_class has no handler in this worker (recorded as
+    │                         the job's error; the job is kept and retried)
     └── WorkerError          a worker or pool was misconfigured or could not start
 
 Errors from the database driver are not wrapped when they concern the caller's own
@@ -20,6 +22,7 @@ __all__ = [
     "InvalidJobError",
     "QueError",
     "SchemaError",
+    "UnknownJobClassError",
     "UnsupportedSchemaError",
     "WorkerError",
 ]
@@ -60,3 +63,11 @@ class UnsupportedSchemaError(SchemaError):
 class WorkerError(QueError):
     """A worker or worker pool is misconfigured or cannot start (for example, an Engine whose
     connection pool is smaller than the number of workers)."""
+
+
+class UnknownJobClassError(QueError):
+    """A job's ``job_class`` has no handler in this worker.
+
+    Raised inside the worker and recorded as the job's error, like any handler failure: the
+    job is kept and retried later, perhaps by a worker (in any language) that knows it.
+    """

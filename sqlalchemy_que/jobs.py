@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 
@@ -56,26 +57,81 @@ def default_retry_delay(error_count: int) -> float:
     return float(error_count**4 + 3)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
 class JobContext:
     """The job a handler is working, passed as the handler's first argument.
 
-    :ivar session: a ``Session`` bound to the worker's locked connection. What the handler does
-        through it commits in the same transaction as the job's completion (its ``DELETE``), or
-        is rolled back if the handler raises. Do not commit it yourself.
-    :ivar connection: the same transaction as a Core ``Connection``.
+    It carries the job's fields (``job_id``, ``job_class``, ``queue``, ``priority``,
+    ``run_at``, ``error_count``, ``last_error``, and the decoded ``args``), and the database
+    transaction the job will complete in:
+
+    * :attr:`connection`, the worker's locked connection, inside the job's transaction;
+    * :attr:`session`, a ``Session`` on that same transaction, made on first use.
+
+    What the handler writes through either commits in the same transaction as the job's
+    ``DELETE``, or is rolled back when the handler raises: a job's effects and its completion
+    are atomic. ``session.commit()`` inside a handler flushes but leaves the final commit to
+    the worker.
     """
 
-    job_id: int
-    job_class: str
-    queue: str
-    priority: int
-    run_at: datetime.datetime
-    error_count: int
-    last_error: str | None
-    args: list[Any]
-    session: Session
-    connection: Connection
+    __slots__ = (
+        "_session",
+        "args",
+        "connection",
+        "error_count",
+        "job_class",
+        "job_id",
+        "last_error",
+        "priority",
+        "queue",
+        "run_at",
+    )
+
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        job_class: str,
+        queue: str,
+        priority: int,
+        run_at: datetime.datetime,
+        error_count: int,
+        last_error: str | None,
+        args: list[Any],
+        connection: Connection,
+    ) -> None:
+        self.job_id = job_id
+        self.job_class = job_class
+        self.queue = queue
+        self.priority = priority
+        self.run_at = run_at
+        self.error_count = error_count
+        self.last_error = last_error
+        self.args = args
+        self.connection = connection
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        """A Session joined to the job's transaction (it never commits that transaction)."""
+        if self._session is None:
+            self._session = Session(bind=self.connection, join_transaction_mode="rollback_only")
+        return self._session
+
+    def _finish_session(self, *, flush: bool) -> None:
+        """Flush what the handler left pending (on success), then let go of the Session."""
+        if self._session is not None:
+            try:
+                if flush:
+                    self._session.flush()
+            finally:
+                self._session.close()
+                self._session = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<JobContext job_id={self.job_id} job_class={self.job_class!r} "
+            f"queue={self.queue!r} error_count={self.error_count}>"
+        )
 
 
 Handler: TypeAlias = "Callable[..., object]"
@@ -103,8 +159,14 @@ class JobDefinition(Generic[P]):
         if self.queue is not None and not isinstance(self.queue, str):
             raise InvalidJobError(f"queue must be a str, got {self.queue!r}")
         delay = self.retry_delay
-        if delay is not None and not callable(delay) and (
-            isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0
+        if (
+            delay is not None
+            and not callable(delay)
+            and (
+                isinstance(delay, bool)
+                or not isinstance(delay, int | float)
+                or not 0 <= delay < math.inf  # also refuses NaN
+            )
         ):
             raise InvalidJobError(
                 f"retry_delay must be seconds >= 0 or a function of the error count, got {delay!r}"
@@ -186,17 +248,18 @@ def _positional_parameters(handler: Handler, name: str) -> list[inspect.Paramete
         parameters = list(inspect.signature(handler).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature: accept anything
         return [inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)]
-    if not parameters or parameters[0].kind not in (
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        rest = parameters  # ``*args`` receives the JobContext, then the job's arguments
+    elif parameters and parameters[0].kind in (
         inspect.Parameter.POSITIONAL_ONLY,
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
     ):
-        if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
-            return parameters
+        rest = parameters[1:]
+    else:
         raise InvalidJobError(
             f"the handler of job {name!r} must take the running job (JobContext) as its "
             "first positional parameter"
         )
-    rest = parameters[1:]
     for parameter in rest:
         if parameter.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD):
             raise InvalidJobError(
@@ -242,7 +305,9 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
         self._definitions: dict[str, JobDefinition[Any]] = {}
         for name, handler in (definitions or {}).items():
             if isinstance(handler, JobDefinition):
-                self.add(handler if handler.name == name else dataclasses.replace(handler, name=name))
+                self.add(
+                    handler if handler.name == name else dataclasses.replace(handler, name=name)
+                )
             else:
                 self.add(JobDefinition(name=name, handler=handler))
 
@@ -270,9 +335,7 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
         """Like :func:`job`, and register the definition here."""
 
         def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
-            definition = job(name, queue=queue, priority=priority, retry_delay=retry_delay)(
-                handler
-            )
+            definition = job(name, queue=queue, priority=priority, retry_delay=retry_delay)(handler)
             self.add(definition)
             return definition
 

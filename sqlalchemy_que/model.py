@@ -47,6 +47,7 @@ TABLE_NAME = "que_jobs"
 #: The metadata that holds :class:`QueJob`'s table and nothing else.
 metadata = MetaData()
 
+
 class _Base(DeclarativeBase):
     metadata = metadata
 
@@ -83,9 +84,7 @@ class QueJob(_Base):
     args: Mapped[list[Any]] = mapped_column(
         CompactJSON, nullable=False, server_default=text("'[]'::json")
     )
-    error_count: Mapped[int] = mapped_column(
-        Integer, nullable=False, server_default=text("0")
-    )
+    error_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     queue: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("''"))
 

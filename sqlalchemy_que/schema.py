@@ -10,8 +10,9 @@ the application's::
 or from the command line: ``sqlalchemy-que migrate --database-url URL`` (``--sql`` prints the
 SQL instead). An application with its own Alembic environment adds the revisions to it::
 
-    # alembic.ini, or in env.py through config.set_main_option
-    version_locations = %(here)s/migrations/versions <path printed by sqlalchemy_que.version_location()>
+    # alembic.ini (or set in env.py with config.set_main_option); the second path is
+    # what sqlalchemy_que.version_location() returns
+    version_locations = %(here)s/migrations/versions /path/to/sqlalchemy_que/_migrations/versions
 
 and runs ``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made
 at schema version 3 is adopted as it is; a Que 1.x/2.x table is refused.
@@ -50,8 +51,7 @@ VERSION_TABLE = "sqlalchemy_que_version"
 _MIGRATION_LOCK = text("SELECT pg_advisory_xact_lock(20837, 1)")
 
 _READ_VERSION = text(
-    "SELECT obj_description(c.oid, 'pg_class') FROM pg_class AS c "
-    "WHERE c.oid = to_regclass(:table)"
+    "SELECT obj_description(c.oid, 'pg_class') FROM pg_class AS c WHERE c.oid = to_regclass(:table)"
 )
 
 

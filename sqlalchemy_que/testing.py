@@ -32,7 +32,12 @@ from pathlib import Path
 
 from .errors import QueError
 
-__all__ = ["PostgresNotFoundError", "find_postgres_bindir", "temporary_postgres", "test_database_url"]
+__all__ = [
+    "PostgresNotFoundError",
+    "find_postgres_bindir",
+    "temporary_postgres",
+    "test_database_url",
+]
 
 #: Settings for a throwaway cluster: durability is not needed, speed is.
 _FAST_SETTINGS: Mapping[str, str] = {
@@ -74,7 +79,9 @@ def find_postgres_bindir() -> Path:
         return tuple(int(d) for d in digits)
 
     for pattern in ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin"):
-        candidates.extend(Path(p) for p in sorted(glob.glob(pattern), key=version_key, reverse=True))
+        candidates.extend(
+            Path(p) for p in sorted(glob.glob(pattern), key=version_key, reverse=True)
+        )
     for folder in candidates:
         if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
             return folder
@@ -135,7 +142,13 @@ def temporary_postgres(
 
     def run(*argv: str) -> None:
         result = subprocess.run(
-            argv, capture_output=True, text=True, env=env, cwd=root, timeout=120, **run_as  # type: ignore[call-overload]
+            argv,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=root,
+            timeout=120,
+            **run_as,  # type: ignore[call-overload]
         )
         if result.returncode != 0:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -147,8 +160,14 @@ def temporary_postgres(
     started = False
     try:
         run(
-            str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-            "--encoding=UTF8", "--no-sync",
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-sync",
         )
         options = {**_FAST_SETTINGS, **(settings or {})}
         for attempt in range(3):
@@ -159,8 +178,17 @@ def temporary_postgres(
             )
             try:
                 run(
-                    str(bindir / "pg_ctl"), "start", "-w", "-t", "60", "-D", str(data),
-                    "-l", str(log), "-o", server_options,
+                    str(bindir / "pg_ctl"),
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    server_options,
                 )
             except QueError:
                 if attempt == 2:
@@ -208,7 +236,7 @@ def test_database_url() -> Iterator[str]:
         yield url
         return
     if _docker_answers():
-        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+        from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", driver="psycopg") as container:
             yield container.get_connection_url()

@@ -201,12 +201,14 @@ class NotJSON:
     ("call", "message"),
     [
         (lambda: enqueue(""), r"job_class must be a non-empty str naming the job, got ''"),
-        (lambda: enqueue(42), r"job_class must be a str or a JobDefinition, got 42 of type int"),
-        (lambda: enqueue(None), r"job_class must be a str or a JobDefinition, got None"),
+        (lambda: enqueue(42), r"job_class must be a str or a JobDefinition, got 42 of type int"),  # type: ignore[arg-type]
+        (lambda: enqueue(None), r"job_class must be a str or a JobDefinition, got None"),  # type: ignore[arg-type]
         (lambda: enqueue("A\x00B"), r"job_class 'A\\x00B' contains a NUL character"),
         (lambda: enqueue("Job", NotJSON()), r"args\[0\] is <NotJSON> of type NotJSON"),
-        (lambda: enqueue("Job", 1, {"when": datetime.date(2020, 1, 2)}),
-         r"args\[1\]\['when'\] is datetime.date\(2020, 1, 2\) of type date"),
+        (
+            lambda: enqueue("Job", 1, {"when": datetime.date(2020, 1, 2)}),
+            r"args\[1\]\['when'\] is datetime.date\(2020, 1, 2\) of type date",
+        ),
         (lambda: enqueue("Job", {1: "a"}), r"args\[0\] has the key 1 of type int"),
         (lambda: enqueue("Job", math.nan), r"args\[0\] is nan; NaN and Infinity"),
         (lambda: enqueue("Job", [1, math.inf]), r"args\[0\]\[1\] is inf"),
@@ -215,14 +217,16 @@ class NotJSON:
         (lambda: enqueue("Job", "\ud800"), r"args\[0\] is '\\ud800', which is not valid UTF-8"),
         (lambda: enqueue("Job", priority=32768), r"priority 32768 is outside the smallint range"),
         (lambda: enqueue("Job", priority=-32769), r"priority -32769 is outside the smallint"),
-        (lambda: enqueue("Job", priority="1"), r"priority must be an int, got '1' of type str"),
+        (lambda: enqueue("Job", priority="1"), r"priority must be an int, got '1' of type str"),  # type: ignore[arg-type]
         (lambda: enqueue("Job", priority=True), r"priority must be an int, got True of type bool"),
-        (lambda: enqueue("Job", priority=1.5), r"priority must be an int, got 1.5 of type float"),
-        (lambda: enqueue("Job", run_at=datetime.datetime(2030, 1, 1)),
-         r"run_at 2030-01-01T00:00:00 has no time zone"),
-        (lambda: enqueue("Job", run_at="2030-01-01"), r"run_at must be a timezone-aware datetime"),
-        (lambda: enqueue("Job", queue=5), r"queue must be a str, got 5 of type int"),
-        (lambda: enqueue("Job", queue=b"q"), r"queue must be a str, got b'q' of type bytes"),
+        (lambda: enqueue("Job", priority=1.5), r"priority must be an int, got 1.5 of type float"),  # type: ignore[arg-type]
+        (
+            lambda: enqueue("Job", run_at=datetime.datetime(2030, 1, 1)),
+            r"run_at 2030-01-01T00:00:00 has no time zone",
+        ),
+        (lambda: enqueue("Job", run_at="2030-01-01"), r"run_at must be a timezone-aware datetime"),  # type: ignore[arg-type]
+        (lambda: enqueue("Job", queue=5), r"queue must be a str, got 5 of type int"),  # type: ignore[arg-type]
+        (lambda: enqueue("Job", queue=b"q"), r"queue must be a str, got b'q' of type bytes"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_input_is_refused_naming_the_value(call: Any, message: str) -> None:
@@ -268,7 +272,7 @@ def test_tuples_are_stored_as_arrays(session: Session) -> None:
 
 
 def test_json_dump_matches_the_stored_text_exactly(session: Session) -> None:
-    args: list[Any] = [0.1, 1e300, -0.0, 2**70, "\x00\n\t\"\\", {"": None}]
+    args: list[Any] = [0.1, 1e300, -0.0, 2**70, '\x00\n\t"\\', {"": None}]
     session.add(enqueue("Exact", *args))
     session.flush()
     stored = rows(session)[0]["args"]

@@ -1,0 +1,164 @@
+"""Locking one job at a time with session-level advisory locks, as Que 0.x does.
+
+A job is locked with ``pg_try_advisory_lock(job_id)`` (the one-bigint form Que's
+introspection reads back from ``pg_locks``) on the connection that will work it. The lock
+query walks the ready jobs of one queue along the primary key, in
+``(priority, run_at, job_id)`` order, trying the lock on each row it visits and stopping at
+the first one it gets: at most one lock per call, and rows other sessions hold are skipped.
+
+Because the lock query's snapshot can predate another worker's ``DELETE`` of the same job,
+the locked job is looked up again by its full key in a fresh statement; if it is gone, it is
+unlocked and the walk starts over (a bounded number of times)::
+
+    with engine.connect() as connection:
+        job = lock_job(connection, queue="")
+        if job is not None:
+            try:
+                ...  # work it
+            finally:
+                unlock_job(connection, job.job_id)
+
+The statements are kept here, named, so that a batched locker can later sit beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+
+from sqlalchemy import Connection, text
+
+from .errors import QueError
+
+__all__ = ["LOCK_ATTEMPTS", "LockedJob", "lock_job", "recheck_job", "unlock_job"]
+
+logger = logging.getLogger("sqlalchemy_que.locking")
+
+#: How many vanished jobs one lock attempt tolerates before reporting "nothing ready".
+LOCK_ATTEMPTS = 10
+
+# The walk is a recursive CTE: each step fetches the next ready row after the previous one
+# along the primary key (queue, priority, run_at, job_id) and tries its lock. The outer query
+# asks for the first locked row only, and PostgreSQL evaluates a recursive CTE lazily, one step
+# per row pulled, so no row beyond the first locked one is ever visited (or locked).
+LOCK_NEXT_JOB = text(
+    """
+WITH RECURSIVE candidates AS (
+    SELECT (first_job).*, pg_try_advisory_lock((first_job).job_id) AS locked
+    FROM (
+        SELECT j AS first_job
+        FROM que_jobs AS j
+        WHERE j.queue = :queue AND j.run_at <= now()
+        ORDER BY j.priority, j.run_at, j.job_id
+        LIMIT 1
+    ) AS head
+    UNION ALL (
+        SELECT (next_job).*, pg_try_advisory_lock((next_job).job_id) AS locked
+        FROM (
+            SELECT (
+                SELECT j
+                FROM que_jobs AS j
+                WHERE j.queue = :queue AND j.run_at <= now()
+                  AND (j.priority, j.run_at, j.job_id)
+                      > (candidates.priority, candidates.run_at, candidates.job_id)
+                ORDER BY j.priority, j.run_at, j.job_id
+                LIMIT 1
+            ) AS next_job
+            FROM candidates
+            WHERE candidates.job_id IS NOT NULL
+            LIMIT 1
+        ) AS step
+    )
+)
+SELECT queue, priority, run_at, job_id, job_class, args::text AS args, error_count, last_error
+FROM candidates
+WHERE locked
+LIMIT 1
+"""
+)
+
+RECHECK_JOB = text(
+    "SELECT 1 FROM que_jobs "
+    "WHERE queue = :queue AND priority = :priority AND run_at = :run_at AND job_id = :job_id"
+)
+
+UNLOCK_JOB = text("SELECT pg_advisory_unlock(:job_id)")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LockedJob:
+    """A row of ``que_jobs`` whose advisory lock this connection holds.
+
+    ``args`` is the stored JSON text, exactly as written.
+    """
+
+    queue: str
+    priority: int
+    run_at: datetime.datetime
+    job_id: int
+    job_class: str
+    args: str
+    error_count: int
+    last_error: str | None
+
+    @property
+    def key(self) -> dict[str, object]:
+        """The full primary key, which every statement about the job matches on."""
+        return {
+            "queue": self.queue,
+            "priority": self.priority,
+            "run_at": self.run_at,
+            "job_id": self.job_id,
+        }
+
+
+def recheck_job(connection: Connection, job: LockedJob) -> bool:
+    """True when the job still exists under its full key (a fresh statement's snapshot)."""
+    return connection.execute(RECHECK_JOB, job.key).first() is not None
+
+
+def unlock_job(connection: Connection, job_id: int) -> bool:
+    """Release the job's advisory lock; True when this session held it."""
+    return bool(connection.execute(UNLOCK_JOB, {"job_id": job_id}).scalar_one())
+
+
+def lock_job(
+    connection: Connection, queue: str = "", *, attempts: int = LOCK_ATTEMPTS
+) -> LockedJob | None:
+    """Lock the most urgent ready job of ``queue`` on ``connection``, or return None.
+
+    The lock is session-level: it outlives the transactions that follow and must be released
+    with :func:`unlock_job` on the same connection (or by closing the session). The
+    connection is left with its transaction committed, and the returned job re-checked.
+
+    :param attempts: how many locked-but-vanished jobs to skip before giving up with None,
+        as que-go does ("try again later").
+    """
+    for _ in range(attempts):
+        row = connection.execute(LOCK_NEXT_JOB, {"queue": queue}).first()
+        if row is None:
+            connection.commit()
+            return None
+        job = LockedJob(*row)
+        try:
+            connection.commit()
+            if recheck_job(connection, job):
+                connection.commit()
+                return job
+            logger.debug(
+                "job %s vanished between the lock query and the re-check; looking again",
+                job.job_id,
+                extra={"job_id": job.job_id, "queue": queue},
+            )
+            released = unlock_job(connection, job.job_id)
+            connection.commit()
+        except BaseException:
+            # The lock may be held and cannot be released on a connection in an unknown
+            # state: discard it, so that the server ends the session and its locks.
+            connection.invalidate()
+            raise
+        if not released:
+            connection.invalidate()
+            raise QueError(f"the advisory lock of job {job.job_id} was not held by this session")
+    return None

@@ -1,0 +1,563 @@
+"""Workers: lock a job, run its handler, complete or reschedule it, and let go of the lock.
+
+A :class:`Worker` works one queue. For each job it checks a ``Connection`` out of the Engine,
+locks the job on it (see :mod:`sqlalchemy_que.locking`), runs the handler inside a transaction
+on that same connection, deletes the job in that transaction on success, or records the error
+and reschedules the job on failure, then unlocks and returns the connection clean. If the
+unlock cannot be confirmed, the connection is invalidated so that the server ends the session
+and the lock with it: a connection never goes back to the pool holding a job lock.
+
+A :class:`WorkerPool` runs several workers in threads on one Engine::
+
+    from sqlalchemy import create_engine
+    from sqlalchemy_que import WorkerPool
+
+    def print_name(job, name):
+        print("hello", name)
+
+    engine = create_engine(url, pool_size=5, pool_pre_ping=True)
+    pool = WorkerPool(engine, {"PrintName": print_name}, workers=4)
+    pool.start()
+    ...
+    still_running = pool.shutdown(timeout=30)
+
+Handlers take the running job (:class:`~sqlalchemy_que.JobContext`) first, then the job's
+positional arguments. Failures follow Que: ``error_count + 1``, ``run_at = now() + delay``
+(``count ** 4 + 3`` seconds unless the job says otherwise) and ``last_error`` in Ruby Que's
+layout. A failing job is never deleted by the error path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError, DisconnectionError
+from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
+
+from .errors import QueError, UnknownJobClassError, WorkerError
+from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay
+from .locking import LockedJob, lock_job, unlock_job
+from .schema import check_schema
+
+__all__ = ["ErrorReporter", "Worker", "WorkerPool", "format_last_error"]
+
+logger = logging.getLogger("sqlalchemy_que.worker")
+
+#: Called with the exception and the job after a job fails; its own errors are only logged.
+ErrorReporter = Callable[[BaseException, JobContext], object]
+
+#: What a worker is given to know its jobs: a registry, a mapping of job_class to handler or
+#: definition, or an iterable of definitions.
+Handlers = JobRegistry | Mapping[str, Any] | Iterable[JobDefinition[Any]]
+
+DELETE_JOB = text(
+    "DELETE FROM que_jobs "
+    "WHERE queue = :queue AND priority = :priority AND run_at = :run_at AND job_id = :job_id"
+)
+
+RECORD_ERROR = text(
+    "UPDATE que_jobs "
+    "SET error_count = error_count + 1, "
+    "    run_at = now() + make_interval(secs => :delay), "
+    "    last_error = :last_error "
+    "WHERE queue = :queue AND priority = :priority AND run_at = :run_at AND job_id = :job_id"
+)
+
+#: Ruby Que cuts the first line of ``last_error`` ("Class: message") to this many characters.
+LAST_ERROR_FIRST_LINE = 500
+
+_MAX_BACKOFF = 30.0
+
+
+def _error_class_name(error: BaseException) -> str:
+    cls = type(error)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    if cls.__module__.startswith("sqlalchemy_que"):
+        return f"sqlalchemy_que.{cls.__qualname__}"  # as users see it: public names
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def format_last_error(error: BaseException) -> str:
+    """``last_error`` as Ruby Que 0.14.3 lays it out, with the Python class and traceback.
+
+    The first line is ``"<ErrorClass>: <message>"`` (the class alone when the message is
+    blank) cut to 500 characters; each following line is one frame of the traceback,
+    innermost first, as Ruby's backtraces are: ``path:line:in function``.
+    """
+    message = str(error)
+    name = _error_class_name(error)
+    first = f"{name}: {message}" if message.strip() else name
+    frames = [
+        f"{frame.filename}:{frame.lineno}:in {frame.name}"
+        for frame in reversed(traceback.extract_tb(error.__traceback__))
+    ]
+    return "\n".join([first[:LAST_ERROR_FIRST_LINE], *frames])
+
+
+def _registry(handlers: Handlers) -> JobRegistry:
+    if isinstance(handlers, JobRegistry):
+        return handlers
+    if isinstance(handlers, Mapping):
+        return JobRegistry(handlers)
+    registry = JobRegistry()
+    for definition in handlers:
+        if not isinstance(definition, JobDefinition):
+            raise WorkerError(
+                f"handlers must be a mapping of job_class to handler or JobDefinitions, "
+                f"got {definition!r}"
+            )
+        registry.add(definition)
+    return registry
+
+
+def _check_wake_interval(wake_interval: float) -> float:
+    if (
+        isinstance(wake_interval, bool)
+        or not isinstance(wake_interval, int | float)
+        or not math.isfinite(wake_interval)
+        or wake_interval <= 0
+    ):
+        raise WorkerError(
+            f"wake_interval must be a positive number of seconds, got {wake_interval!r}"
+        )
+    return float(wake_interval)
+
+
+class Worker:
+    """Works the jobs of one queue, one at a time, on connections from ``engine``.
+
+    :param engine: the Engine to check connections out of; each job holds one connection
+        from lock to unlock. Use a real session, not a transaction-pooling proxy.
+    :param handlers: a :class:`~sqlalchemy_que.JobRegistry`, a mapping of job_class to handler
+        (or to :class:`~sqlalchemy_que.JobDefinition`), or an iterable of definitions.
+    :param queue: the queue to work; default ``''``, Que's default queue.
+    :param wake_interval: seconds to sleep when no job is ready; default 5.
+    :param on_error: called with the exception and the job after a job fails; whatever it
+        raises is logged, never fatal.
+    :param name: a name for logs; default ``"worker"``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        handlers: Handlers,
+        *,
+        queue: str = "",
+        wake_interval: float = 5.0,
+        on_error: ErrorReporter | None = None,
+        name: str = "worker",
+    ) -> None:
+        if not isinstance(queue, str):
+            raise WorkerError(f"queue must be a str, got {queue!r}")
+        self.engine = engine
+        self.registry = _registry(handlers)
+        self.queue = queue
+        self.wake_interval = _check_wake_interval(wake_interval)
+        self.on_error = on_error
+        self.name = name
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._current: LockedJob | None = None
+
+    # -- control -------------------------------------------------------------------------
+
+    @property
+    def current_job(self) -> LockedJob | None:
+        """The job being worked right now, if any."""
+        return self._current
+
+    def stop(self) -> None:
+        """Ask the worker to stop: it takes no new job, finishes the current one, and a
+        sleeping worker wakes at once."""
+        self._stopping.set()
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def wake(self) -> None:
+        """Cut the current sleep short and look for a job now."""
+        self._wake.set()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._wake.wait(seconds):
+            self._wake.clear()
+
+    # -- loops ---------------------------------------------------------------------------
+
+    def run(self, *, burst: bool = False) -> int:
+        """Work jobs until :meth:`stop` is called (or, with ``burst``, until none is ready).
+
+        Jobs are worked back to back while any are ready; with none ready the worker sleeps
+        for ``wake_interval``. Database errors make it back off (0.1 s doubling up to 30 s)
+        and retry; no error from a job or the database stops it. ``KeyboardInterrupt`` and
+        ``SystemExit`` raised by a handler release the job untouched and stop the worker.
+
+        :returns: the number of jobs worked (completed or failed).
+        """
+        worked = 0
+        backoff = 0.0
+        while not self._stopping.is_set():
+            try:
+                did_work = self.work_one()
+            except (DBAPIError, DisconnectionError, OSError) as error:
+                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
+                logger.warning(
+                    "%s: database error, retrying in %.1fs: %s",
+                    self.name,
+                    backoff,
+                    error,
+                    extra={"queue": self.queue, "backoff": backoff},
+                )
+                self._sleep(backoff)
+                continue
+            except Exception:
+                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
+                logger.exception(
+                    "%s: unexpected error, retrying in %.1fs",
+                    self.name,
+                    backoff,
+                    extra={"queue": self.queue, "backoff": backoff},
+                )
+                self._sleep(backoff)
+                continue
+            backoff = 0.0
+            if did_work:
+                worked += 1
+            elif burst:
+                break
+            else:
+                self._sleep(self.wake_interval)
+        return worked
+
+    def work_one(self) -> bool:
+        """Lock and work the most urgent ready job of the queue, if there is one.
+
+        :returns: True when a job was worked (completed or failed), False when none was ready.
+        """
+        connection = self.engine.connect()
+        job: LockedJob | None = None
+        try:
+            job = lock_job(connection, self.queue)
+            if job is None:
+                return False
+            self._current = job
+            self._work(connection, job)
+            return True
+        finally:
+            try:
+                if job is not None:
+                    self._release(connection, job)
+            finally:
+                self._current = None
+                connection.close()
+
+    # -- one job -------------------------------------------------------------------------
+
+    def _work(self, connection: Connection, job: LockedJob) -> None:
+        definition = self.registry.get(job.job_class)
+        started = time.perf_counter()
+        context: JobContext | None = None
+        try:
+            # Begin the job's transaction first, so that the handler's Session joins it
+            # rather than owning (and committing) one of its own.
+            connection.begin()
+            args = json.loads(job.args)
+            if not isinstance(args, list):
+                raise QueError(f"args of job {job.job_id} is {job.args!r}, not a JSON array")
+            context = JobContext(
+                job_id=job.job_id,
+                job_class=job.job_class,
+                queue=job.queue,
+                priority=job.priority,
+                run_at=job.run_at,
+                error_count=job.error_count,
+                last_error=job.last_error,
+                args=args,
+                connection=connection,
+            )
+            if definition is None:
+                raise UnknownJobClassError(
+                    f"no handler for job_class {job.job_class!r} in this worker "
+                    f"(it knows {sorted(self.registry) or 'no job classes'})"
+                )
+            definition.handler(context, *args)
+            context._finish_session(flush=True)
+            connection.execute(DELETE_JOB, job.key)
+            connection.commit()
+        except Exception as error:
+            if context is not None:
+                context._finish_session(flush=False)
+            self._fail(connection, job, definition, error, context, started)
+            return
+        except BaseException:
+            # KeyboardInterrupt, SystemExit...: leave the row as it was; the caller unlocks.
+            if context is not None:
+                context._finish_session(flush=False)
+            self._rollback_quietly(connection)
+            logger.warning(
+                "%s: job %s interrupted; released untouched",
+                self.name,
+                job.job_id,
+                extra=self._extra(job, started),
+            )
+            raise
+        logger.info(
+            "%s: job %s %s done in %.1f ms",
+            self.name,
+            job.job_id,
+            job.job_class,
+            (time.perf_counter() - started) * 1000,
+            extra={**self._extra(job, started), "outcome": "done"},
+        )
+
+    def _extra(self, job: LockedJob, started: float) -> dict[str, Any]:
+        return {
+            "job_id": job.job_id,
+            "job_class": job.job_class,
+            "queue": job.queue,
+            "priority": job.priority,
+            "error_count": job.error_count,
+            "elapsed": time.perf_counter() - started,
+            "worker": self.name,
+        }
+
+    @staticmethod
+    def _rollback_quietly(connection: Connection) -> None:
+        try:
+            connection.rollback()
+        except Exception:
+            logger.debug("rollback failed", exc_info=True)
+
+    def _retry_delay(self, definition: JobDefinition[Any] | None, error_count: int) -> float:
+        try:
+            delay = (
+                definition.delay_for(error_count)
+                if definition is not None
+                else default_retry_delay(error_count)
+            )
+        except Exception:
+            logger.exception("retry delay of %s failed; using Que's default", definition)
+            return default_retry_delay(error_count)
+        if not math.isfinite(delay) or delay < 0:
+            logger.error("retry delay %r is not a number of seconds >= 0; using 0", delay)
+            return 0.0
+        return delay
+
+    def _fail(
+        self,
+        connection: Connection,
+        job: LockedJob,
+        definition: JobDefinition[Any] | None,
+        error: Exception,
+        context: JobContext | None,
+        started: float,
+    ) -> None:
+        self._rollback_quietly(connection)
+        count = job.error_count + 1
+        delay = self._retry_delay(definition, count)
+        extra = {**self._extra(job, started), "outcome": "error", "retry_in": delay}
+        try:
+            connection.execute(
+                RECORD_ERROR, {**job.key, "delay": delay, "last_error": format_last_error(error)}
+            )
+            connection.commit()
+        except Exception:
+            logger.exception(
+                "%s: could not record the error of job %s; it stays as it was and will be retried",
+                self.name,
+                job.job_id,
+                extra=extra,
+            )
+            self._rollback_quietly(connection)
+        logger.error(
+            "%s: job %s %s failed (error %d), retrying in %.0fs: %s",
+            self.name,
+            job.job_id,
+            job.job_class,
+            count,
+            delay,
+            error,
+            exc_info=error,
+            extra=extra,
+        )
+        if self.on_error is not None and context is not None:
+            try:
+                self.on_error(error, context)
+            except Exception:
+                logger.exception("%s: the error reporter raised; ignored", self.name)
+
+    def _release(self, connection: Connection, job: LockedJob) -> None:
+        """Unlock the job; invalidate the connection unless the unlock is confirmed."""
+        released = False
+        try:
+            if connection.in_transaction():
+                connection.rollback()
+            released = unlock_job(connection, job.job_id)
+            connection.commit()
+        except Exception:
+            logger.warning(
+                "%s: could not unlock job %s; discarding the connection so the server "
+                "releases the lock",
+                self.name,
+                job.job_id,
+                exc_info=True,
+                extra={"job_id": job.job_id},
+            )
+            released = False
+        finally:
+            if not released and not connection.invalidated:
+                connection.invalidate()
+
+
+def _pool_capacity(engine: Engine) -> float:
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        overflow = getattr(pool, "_max_overflow", 0)  # no public accessor
+        return math.inf if overflow < 0 else pool.size() + overflow
+    if isinstance(pool, StaticPool | AssertionPool):
+        return 1
+    return math.inf  # NullPool and others open connections as needed
+
+
+class WorkerPool:
+    """Several :class:`Worker` threads on one Engine and one queue.
+
+    Each worker holds one connection for the whole of each job, so the Engine's pool must
+    be able to hand out at least ``workers`` connections at once: :meth:`start` checks it and
+    refuses with an explanation otherwise (``create_engine(url, pool_size=workers)``).
+
+    Usable as a context manager, which starts the pool and shuts it down on exit.
+
+    :param workers: how many worker threads; default 4, as Ruby Que.
+    :param check_schema: check at start that ``que_jobs`` is a Que 0.x version 3 table.
+    Other parameters as for :class:`Worker`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        handlers: Handlers,
+        *,
+        queue: str = "",
+        workers: int = 4,
+        wake_interval: float = 5.0,
+        on_error: ErrorReporter | None = None,
+        check_schema: bool = True,
+    ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise WorkerError(f"workers must be a whole number >= 1, got {workers!r}")
+        self.engine = engine
+        self.registry = _registry(handlers)
+        self.queue = queue
+        self.check_schema = check_schema
+        self.workers = [
+            Worker(
+                engine,
+                self.registry,
+                queue=queue,
+                wake_interval=wake_interval,
+                on_error=on_error,
+                name=f"que-worker-{index}",
+            )
+            for index in range(workers)
+        ]
+        self._threads: list[threading.Thread] = []
+
+    def _preflight(self) -> None:
+        capacity = _pool_capacity(self.engine)
+        if capacity < len(self.workers):
+            pool = self.engine.pool
+            raise WorkerError(
+                f"the Engine's connection pool ({type(pool).__name__}, {pool.status()}) hands "
+                f"out at most {capacity:g} connections, but this WorkerPool has "
+                f"{len(self.workers)} workers, each holding one connection for the whole of "
+                f"each job. Create the Engine with create_engine(url, pool_size="
+                f"{len(self.workers)}) (plus what the rest of the process needs), or use "
+                "fewer workers"
+            )
+        if self.check_schema:
+            with self.engine.connect() as connection:
+                check_schema(connection)
+
+    def start(self, *, burst: bool = False) -> None:
+        """Check the Engine and the schema, then start the worker threads.
+
+        :param burst: each worker stops when no job is ready instead of sleeping.
+        :raises WorkerError: when the Engine's pool is too small for the workers.
+        :raises SchemaError: when ``que_jobs`` is missing or not a Que 0.x version 3 table.
+        """
+        if self._threads:
+            raise WorkerError("this WorkerPool was already started")
+        self._preflight()
+        for worker in self.workers:
+            thread = threading.Thread(
+                target=worker.run, kwargs={"burst": burst}, name=worker.name, daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        logger.info(
+            "started %d workers on queue %r",
+            len(self.workers),
+            self.queue,
+            extra={"queue": self.queue, "workers": len(self.workers)},
+        )
+
+    @property
+    def running_jobs(self) -> list[LockedJob]:
+        """The jobs being worked right now."""
+        return [job for worker in self.workers if (job := worker.current_job) is not None]
+
+    def wake(self, count: int | None = None) -> None:
+        """Wake up to ``count`` sleeping workers (all when None)."""
+        for worker in self.workers[: count if count is not None else len(self.workers)]:
+            worker.wake()
+
+    def is_alive(self) -> bool:
+        """True while any worker thread runs."""
+        return any(thread.is_alive() for thread in self._threads)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker threads to end; True when all have ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not self.is_alive()
+
+    def shutdown(self, timeout: float | None = None) -> list[LockedJob]:
+        """Stop taking jobs at once, let jobs in progress finish, and return within ``timeout``.
+
+        :returns: the jobs still running when the timeout ran out (empty when all finished).
+            Their rows are intact; each is completed by its worker when its handler returns,
+            and its lock is released at the latest when its connection closes (at process
+            exit for the worker threads, which are daemons).
+        """
+        for worker in self.workers:
+            worker.stop()
+        self.join(timeout)
+        still_running = self.running_jobs
+        if still_running:
+            logger.warning(
+                "shutdown timed out with %d job(s) still running: %s",
+                len(still_running),
+                ", ".join(str(job.job_id) for job in still_running),
+            )
+        return still_running
+
+    def __enter__(self) -> WorkerPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
