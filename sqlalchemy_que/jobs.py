@@ -314,11 +314,12 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
     def add(self, *definitions: JobDefinition[Any]) -> None:
         """Register definitions.
 
-        :raises InvalidJobError: when a name is already registered to another handler.
+        :raises InvalidJobError: when a name is already registered to another handler (the
+            same handler registered again replaces the definition).
         """
         for definition in definitions:
             existing = self._definitions.get(definition.name)
-            if existing is not None and existing is not definition:
+            if existing is not None and existing.handler is not definition.handler:
                 raise InvalidJobError(
                     f"job {definition.name!r} is already registered to {existing.handler!r}"
                 )

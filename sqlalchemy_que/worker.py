@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import threading
 import time
 import traceback
@@ -554,6 +556,52 @@ class WorkerPool:
                 ", ".join(str(job.job_id) for job in still_running),
             )
         return still_running
+
+    def run(
+        self,
+        *,
+        burst: bool = False,
+        shutdown_timeout: float | None = None,
+        handle_signals: bool = True,
+    ) -> list[LockedJob]:
+        """Start the pool and block until it is told to stop; what the CLI's ``worker`` runs.
+
+        It returns when every worker has ended (with ``burst``, once no job is ready), or
+        after SIGTERM or SIGINT, which shut the pool down gracefully: no new job is taken
+        and jobs in progress get ``shutdown_timeout`` seconds to finish. A second signal
+        ends the process at once (exit status 128 + signal number); jobs in progress are
+        then rolled back by the server as their connections close, their rows intact.
+
+        :param handle_signals: install the SIGTERM/SIGINT handlers (main thread only).
+        :returns: the jobs still running when the shutdown timeout ran out.
+        """
+        stop = threading.Event()
+        received: list[int] = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            received.append(signum)
+            if len(received) > 1:
+                logger.warning("second signal (%s): stopping at once", signal.Signals(signum).name)
+                os._exit(128 + signum)
+            logger.info(
+                "%s received: finishing jobs in progress, then stopping "
+                "(send it again to stop at once)",
+                signal.Signals(signum).name,
+            )
+            stop.set()
+
+        previous: dict[int, Any] = {}
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            self.start(burst=burst)
+            while self.is_alive() and not stop.wait(0.1):
+                pass
+            return self.shutdown(shutdown_timeout)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def __enter__(self) -> WorkerPool:
         self.start()

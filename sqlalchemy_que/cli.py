@@ -1,0 +1,412 @@
+"""The ``sqlalchemy-que`` command: a thin shell over the library's public functions.
+
+::
+
+    sqlalchemy-que migrate --database-url postgresql://localhost/app
+    sqlalchemy-que worker myapp.jobs:registry --workers 4 --queue mail
+    sqlalchemy-que stats --json
+    sqlalchemy-que demo
+
+Settings come from options or their environment variables (``DATABASE_URL``, ``QUE_QUEUE``,
+``QUE_WORKER_COUNT``, ``QUE_WAKE_INTERVAL``, ``QUE_SHUTDOWN_TIMEOUT``, ``QUE_LOG_LEVEL``).
+
+Exit status: 0 success (for ``worker``, a clean stop); 1 an error, explained on one line
+(bad database URL, unreachable server, wrong schema, bad import path); 2 bad usage;
+3 ``worker`` stopped with jobs still running after ``--shutdown-timeout`` (their rows are
+intact and their locks released as the process exits); 128 + N when a second signal N
+stopped the worker at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+from . import schema, stats
+from .enqueue import insert_job
+from .errors import QueError
+from .jobs import JobDefinition, JobRegistry
+from .worker import WorkerPool
+
+__all__ = ["load_handlers", "main", "normalise_database_url"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_JOBS_STILL_RUNNING = 3
+
+
+def normalise_database_url(url: str) -> URL:
+    """Parse a database URL, choosing the psycopg 3 driver for plain ``postgres://`` and
+    ``postgresql://`` URLs (as ``DATABASE_URL`` usually holds them).
+
+    :raises QueError: naming the URL (password hidden) when it cannot be parsed.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise QueError(
+            f"cannot parse the database URL {url!r}; expected postgresql://user@host/db"
+        ) from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if not parsed.drivername.startswith("postgresql"):
+        raise QueError(
+            f"the database URL {parsed.render_as_string()!r} is not PostgreSQL; "
+            "sqlalchemy-que needs PostgreSQL"
+        )
+    return parsed
+
+
+def load_handlers(import_path: str) -> JobRegistry:
+    """Import ``module:attribute`` naming a :class:`~sqlalchemy_que.JobRegistry`, a mapping
+    of job_class to handler, or a list of job definitions.
+
+    :raises QueError: saying what could not be imported or what was found instead.
+    """
+    module_name, _, attribute = import_path.partition(":")
+    if not module_name or not attribute:
+        raise QueError(f"the handlers path {import_path!r} must look like 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise QueError(f"cannot import {module_name!r} (from {import_path!r}): {error}") from None
+    try:
+        value = getattr(module, attribute)
+    except AttributeError:
+        raise QueError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if isinstance(value, JobRegistry):
+        return value
+    if isinstance(value, dict):
+        return JobRegistry(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, JobDefinition) for v in value):
+        registry = JobRegistry()
+        registry.add(*value)
+        return registry
+    raise QueError(
+        f"{import_path!r} is {value!r}; expected a JobRegistry, a dict of job_class to "
+        "handler, or a list of job definitions"
+    )
+
+
+def _engine(url: str | None, **options: Any) -> Engine:
+    if not url:
+        raise QueError("no database URL: pass --database-url or set DATABASE_URL")
+    try:
+        return create_engine(normalise_database_url(url), **options)
+    except (ArgumentError, NoSuchModuleError) as error:
+        raise QueError(f"cannot use the database URL: {error}") from None
+
+
+@contextmanager
+def _explained() -> Iterator[None]:
+    """Turn the library's and the driver's errors into one clear line and exit status 1."""
+    try:
+        yield
+    except QueError as error:
+        raise click.ClickException(str(error)) from None
+    except DBAPIError as error:
+        detail = str(error.orig or error).strip().splitlines()[0]
+        raise click.ClickException(f"database error: {detail}") from None
+
+
+def _database_option(function: F) -> F:
+    return click.option(
+        "--database-url",
+        envvar="DATABASE_URL",
+        show_envvar=True,
+        help="PostgreSQL URL (postgresql://user:password@host/db).",
+    )(function)
+
+
+class _JSONFormatter(logging.Formatter):
+    _standard = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(
+                record.created, datetime.timezone.utc
+            ).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(
+            {key: value for key, value in vars(record).items() if key not in self._standard}
+        )
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@click.group()
+@click.version_option(package_name="sqlalchemy-que")
+def main() -> None:
+    """sqlalchemy-que: a PostgreSQL job queue compatible with Ruby's Que 0.x."""
+
+
+@main.command()
+@_database_option
+@click.option("--sql", is_flag=True, help="Print the SQL instead of running it.")
+def migrate(database_url: str | None, sql: bool) -> None:
+    """Create que_jobs (or adopt Ruby Que's) and record the revision."""
+    with _explained():
+        if sql:
+            click.echo(schema.migrate_sql(), nl=False)
+            return
+        engine = _engine(database_url)
+        try:
+            schema.migrate(engine)
+        finally:
+            engine.dispose()
+    click.echo("que_jobs is at schema version 3, migrations at head")
+
+
+@main.command()
+@_database_option
+def check(database_url: str | None) -> None:
+    """Exit non-zero, with the reason, unless que_jobs is ready for workers."""
+    with _explained():
+        engine = _engine(database_url)
+        try:
+            with engine.connect() as connection:
+                schema.check_schema(connection)
+        finally:
+            engine.dispose()
+    click.echo("ok: que_jobs is a Que 0.x schema version 3 table, migrations at head")
+
+
+def _print_stats(engine: Engine, as_json: bool) -> None:
+    job_stats = stats.job_stats(engine)
+    states = stats.worker_states(engine)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "job_stats": [
+                        {name: getattr(row, name) for name in row.__slots__} for row in job_stats
+                    ],
+                    "worker_states": [
+                        {name: getattr(row, name) for name in row.__slots__} for row in states
+                    ],
+                },
+                default=str,
+                indent=2,
+            )
+        )
+        return
+    header = ("queue", "job_class", "count", "working", "errored", "max_errors", "oldest_run_at")
+    rows = [
+        (
+            repr(row.queue),
+            row.job_class,
+            str(row.count),
+            str(row.count_working),
+            str(row.count_errored),
+            str(row.highest_error_count),
+            row.oldest_run_at.isoformat(timespec="seconds"),
+        )
+        for row in job_stats
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
+    for line in (header, *rows):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+    if not rows:
+        click.echo("(no jobs)")
+    click.echo(f"\n{len(states)} job(s) being worked")
+    for state in states:
+        click.echo(
+            f"  job {state.job_id} {state.job_class} (queue {state.queue!r}) by backend "
+            f"{state.pg_backend_pid}, {state.pg_state}"
+        )
+
+
+@main.command("stats")
+@_database_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--watch", type=click.FloatRange(min=0.1), default=None, help="Refresh every N seconds."
+)
+def stats_command(database_url: str | None, as_json: bool, watch: float | None) -> None:
+    """Job stats per queue and job_class, and the jobs being worked right now."""
+    with _explained():
+        engine = _engine(database_url)
+        try:
+            while True:
+                if watch is not None and not as_json:
+                    click.clear()
+                _print_stats(engine, as_json)
+                if watch is None:
+                    break
+                time.sleep(watch)
+        finally:
+            engine.dispose()
+
+
+@main.command()
+@_database_option
+@click.argument("job_class")
+@click.argument("args_json", default="[]")
+@click.option("--queue", default=None, help="Queue name (default '').")
+@click.option("--priority", type=int, default=None, help="Lower runs first (default 100).")
+@click.option(
+    "--run-at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z"]),
+    default=None,
+    help="When to run, with a UTC offset: 2030-01-01T09:00:00+00:00.",
+)
+def enqueue(
+    database_url: str | None,
+    job_class: str,
+    args_json: str,
+    queue: str | None,
+    priority: int | None,
+    run_at: datetime.datetime | None,
+) -> None:
+    """Enqueue JOB_CLASS with ARGS_JSON, a JSON array of arguments (default [])."""
+    try:
+        args = json.loads(args_json)
+    except json.JSONDecodeError as error:
+        raise click.BadParameter(
+            f"{args_json!r} is not JSON: {error}", param_hint="ARGS_JSON"
+        ) from None
+    if not isinstance(args, list):
+        raise click.BadParameter(f"{args_json!r} is not a JSON array", param_hint="ARGS_JSON")
+    with _explained():
+        engine = _engine(database_url)
+        try:
+            with engine.begin() as connection:
+                job_id = insert_job(
+                    connection, job_class, *args, queue=queue, priority=priority, run_at=run_at
+                )
+        finally:
+            engine.dispose()
+    click.echo(f"enqueued job {job_id}")
+
+
+@main.command()
+@_database_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def clear(database_url: str | None, yes: bool) -> None:
+    """Delete every job in que_jobs."""
+    if not yes:
+        click.confirm("Delete every job in que_jobs?", abort=True)
+    with _explained():
+        engine = _engine(database_url)
+        try:
+            count = stats.clear(engine)
+        finally:
+            engine.dispose()
+    click.echo(f"deleted {count} job(s)")
+
+
+@main.command()
+@click.argument("import_path")
+@_database_option
+@click.option("--queue", envvar="QUE_QUEUE", show_envvar=True, default="", help="Queue to work.")
+@click.option(
+    "--workers",
+    envvar="QUE_WORKER_COUNT",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+)
+@click.option(
+    "--wake-interval",
+    envvar="QUE_WAKE_INTERVAL",
+    show_envvar=True,
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to sleep when no job is ready.",
+)
+@click.option(
+    "--shutdown-timeout",
+    envvar="QUE_SHUTDOWN_TIMEOUT",
+    show_envvar=True,
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Seconds jobs in progress get to finish after SIGTERM/SIGINT (default: no limit).",
+)
+@click.option("--burst", is_flag=True, help="Work until no job is ready, then exit 0.")
+@click.option(
+    "--log-level",
+    envvar="QUE_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+def worker(
+    import_path: str,
+    database_url: str | None,
+    queue: str,
+    workers: int,
+    wake_interval: float,
+    shutdown_timeout: float | None,
+    burst: bool,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run a pool of workers for the handlers at IMPORT_PATH (module:attribute)."""
+    _configure_logging(log_level, log_format)
+    with _explained():
+        handlers = load_handlers(import_path)
+        # One connection per worker for the whole job, and a little room for checks.
+        engine = _engine(database_url, pool_size=workers, max_overflow=2, pool_pre_ping=True)
+        try:
+            pool = WorkerPool(
+                engine, handlers, queue=queue, workers=workers, wake_interval=wake_interval
+            )
+            still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
+        finally:
+            engine.dispose()
+    if still_running:
+        click.echo(
+            f"stopped with {len(still_running)} job(s) still running: "
+            + ", ".join(str(job.job_id) for job in still_running),
+            err=True,
+        )
+        sys.exit(EXIT_JOBS_STILL_RUNNING)
+
+
+@main.command()
+@_database_option
+@click.option("--jobs", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True)
+def demo(database_url: str | None, jobs: int, workers: int) -> None:
+    """Work a few hundred sample jobs, on a throwaway PostgreSQL unless --database-url."""
+    from .demo import run_demo  # only this command needs it
+
+    with _explained():
+        run_demo(
+            normalise_database_url(database_url) if database_url else None,
+            jobs=jobs,
+            workers=workers,
+            echo=click.echo,
+        )
