@@ -1,0 +1,678 @@
+"""The shipped Alembic revisions: one head, step by step up and down, idempotence, adoption of
+tables that Ruby Que 0.x made, refusal of Que 1.x tables, the same ``pg_dump`` as Ruby's own
+migrations, use from an application's own Alembic environment, and the built wheel."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy.pool import NullPool
+
+import sqlalchemy_que
+from sqlalchemy_que import SchemaError, UnsupportedSchemaError, insert_job
+from sqlalchemy_que.schema import VERSION_TABLE, downgrade, migrate_sql
+from sqlalchemy_que.testing import find_postgres_bindir
+from tests.test_model import EXPECTED_V3, read_shape, table_exists
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+# Ruby Que 0.14.3's own migrations, step by step, as they leave the table.
+RUBY_STEP_1 = """
+CREATE TABLE que_jobs (
+    priority    integer     NOT NULL DEFAULT 1,
+    run_at      timestamptz NOT NULL DEFAULT now(),
+    job_id      bigserial   NOT NULL,
+    job_class   text        NOT NULL,
+    args        json        NOT NULL DEFAULT '[]'::json,
+    error_count integer     NOT NULL DEFAULT 0,
+    last_error  text,
+    CONSTRAINT que_jobs_pkey PRIMARY KEY (priority, run_at, job_id)
+)
+"""
+RUBY_STEP_2 = "ALTER TABLE que_jobs ALTER COLUMN priority SET DEFAULT 100"
+RUBY_STEP_3 = """
+ALTER TABLE que_jobs
+    DROP CONSTRAINT que_jobs_pkey,
+    ALTER COLUMN priority TYPE smallint,
+    ADD COLUMN queue text NOT NULL DEFAULT '',
+    ADD CONSTRAINT que_jobs_pkey PRIMARY KEY (queue, priority, run_at, job_id)
+"""
+
+# Rows as Ruby or Go clients write them: args text with spaces, key order and non-ASCII text
+# that a json column keeps verbatim, timestamps to the microsecond, a failed job.
+RUBY_ROWS_V1 = """
+INSERT INTO que_jobs (priority, run_at, job_class, args, error_count, last_error) VALUES
+    (1, '2031-05-06 07:08:09.123456+00', 'SendEmail', '[1, "two" , {"b": 2, "a": 1}]', 0, NULL),
+    (100, '2020-01-01 00:00:00.000001+00', 'Billing::ChargeJob', '[ "héllo ☃" ]', 3,
+     E'RuntimeError: boom\\n/app/charge.rb:12:in `run''\\n'),
+    (-5, now(), 'Old', '[]', 0, NULL)
+"""
+RUBY_ROWS_V3 = """
+INSERT INTO que_jobs (priority, run_at, job_class, args, error_count, last_error, queue) VALUES
+    (1, '2031-05-06 07:08:09.123456+00', 'SendEmail', '[1, "two" , {"b": 2, "a": 1}]', 0, NULL,
+     ''),
+    (100, '2020-01-01 00:00:00.000001+00', 'Billing::ChargeJob', '[ "héllo ☃" ]', 3,
+     E'RuntimeError: boom\\n/app/charge.rb:12:in `run''\\n', 'billing'),
+    (-5, now(), 'Old', '[]', 0, NULL, 'mail')
+"""
+
+# A stand-in for Que 1.x's table (schema version 4): another shape, which must not be touched.
+QUE_1X_TABLE = """
+CREATE TABLE que_jobs (
+    priority    smallint    NOT NULL DEFAULT 100,
+    run_at      timestamptz NOT NULL DEFAULT now(),
+    id          bigserial   PRIMARY KEY,
+    job_class   text        NOT NULL,
+    error_count integer     NOT NULL DEFAULT 0,
+    last_error_message text,
+    queue       text        NOT NULL DEFAULT 'default',
+    last_error_backtrace text,
+    finished_at timestamptz,
+    expired_at  timestamptz,
+    args        jsonb       NOT NULL DEFAULT '[]'::jsonb,
+    data        jsonb       NOT NULL DEFAULT '{}'::jsonb
+);
+COMMENT ON TABLE que_jobs IS '4'
+"""
+
+SNAPSHOT = text("SELECT *, args::text AS args_text FROM que_jobs ORDER BY job_id")
+SNAPSHOT_V1 = text(
+    "SELECT priority, run_at, job_id, job_class, args::text, error_count, last_error "
+    "FROM que_jobs ORDER BY job_id"
+)
+
+_DDL_WORDS = {"CREATE", "ALTER", "DROP", "COMMENT", "INSERT", "UPDATE", "DELETE", "TRUNCATE"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers and fixtures
+
+
+def ruby_que_table(connection: Connection, version: int, *, comment: bool = True) -> None:
+    """Build ``que_jobs`` the way Ruby Que 0.14.3's migrations leave it at ``version``."""
+    connection.execute(text(RUBY_STEP_1))
+    if comment:
+        connection.execute(text("COMMENT ON TABLE que_jobs IS '1'"))
+    if version >= 2:
+        connection.execute(text(RUBY_STEP_2))
+        connection.execute(text("COMMENT ON TABLE que_jobs IS '2'"))
+    if version >= 3:
+        connection.execute(text(RUBY_STEP_3))
+        connection.execute(text("COMMENT ON TABLE que_jobs IS '3'"))
+
+
+def script_directory() -> ScriptDirectory:
+    config = Config()
+    config.set_main_option("script_location", str(sqlalchemy_que.migrations_path()))
+    return ScriptDirectory.from_config(config)
+
+
+def head_revision() -> str:
+    (head,) = script_directory().get_heads()
+    return head
+
+
+def recorded_revisions(connection: Connection, table: str = VERSION_TABLE) -> list[str]:
+    if not table_exists(connection, table):
+        return []
+    rows = connection.execute(text(f"SELECT version_num FROM {table} ORDER BY version_num"))
+    return list(rows.scalars())
+
+
+def sequence_exists(connection: Connection) -> bool:
+    return table_exists(connection, "que_jobs_job_id_seq")
+
+
+def captured_statements(engine: Engine) -> list[str]:
+    """Every SQL statement ``engine`` sends from now on (appended as they go)."""
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def record(
+        conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
+        executemany: bool,
+    ) -> None:
+        statements.append(statement)
+
+    return statements
+
+
+def changing(statements: list[str]) -> list[str]:
+    """The statements that change schema or data."""
+    return [s for s in statements if s.split(None, 1)[0].upper() in _DDL_WORDS]
+
+
+@pytest.fixture
+def empty_engine(empty_database_url: str) -> Iterator[Engine]:
+    engine = create_engine(empty_database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def new_database(database_url: str) -> Iterator[Callable[[], str]]:
+    """A factory of new, empty databases on the test server (dropped after the test), for
+    tests that need more than one."""
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    names: list[str] = []
+
+    def make() -> str:
+        name = f"que_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        names.append(name)
+        return make_url(database_url).set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with admin.connect() as connection:
+        for name in names:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The revisions
+
+
+def test_one_head_labelled_que() -> None:
+    script = script_directory()
+    heads = script.get_heads()
+    assert len(heads) == 1
+    head = script.get_revision(heads[0])
+    assert head is not None
+    assert "que" in head.branch_labels
+    assert script.get_current_head() == heads[0]
+    (via_label,) = script.get_revisions("que@head")
+    assert via_label is not None
+    assert via_label.revision == heads[0]
+    # Every revision belongs to the one branch, down to a single base.
+    revisions = list(script.walk_revisions())
+    assert len(script.get_bases()) == 1
+    assert all("que" in rev.branch_labels for rev in revisions)
+    # The folder an application adds to its version_locations is where the revisions are.
+    assert {Path(rev.path).parent for rev in revisions} == {
+        Path(sqlalchemy_que.version_location())
+    }
+
+
+def test_revisions_do_not_import_the_live_model() -> None:
+    files = sorted(Path(sqlalchemy_que.version_location()).glob("*.py"))
+    assert files
+    for path in files:
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+        ours = {name for name in imported if name.split(".")[0] == "sqlalchemy_que"}
+        assert ours <= {"sqlalchemy_que.errors"}, f"{path.name} imports {sorted(ours)}"
+
+
+def test_upgrade_and_downgrade_step_by_step(empty_engine: Engine) -> None:
+    script = script_directory()
+    upward = list(reversed(list(script.walk_revisions("base", "heads"))))
+    for step in upward:
+        sqlalchemy_que.migrate(empty_engine, revision=step.revision)
+        with empty_engine.connect() as connection:
+            assert recorded_revisions(connection) == [step.revision]
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+
+    for step in reversed(upward):
+        with empty_engine.connect() as connection:
+            assert recorded_revisions(connection) == [step.revision]
+        downgrade(empty_engine, revision="-1")
+        expected = [] if step.down_revision is None else [str(step.down_revision)]
+        with empty_engine.connect() as connection:
+            assert recorded_revisions(connection) == expected
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+        assert not sequence_exists(connection)
+        leftovers = connection.execute(
+            text(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relkind <> 'i' AND relname <> :version_table"
+            ),
+            {"version_table": VERSION_TABLE},
+        ).scalars().all()
+    assert leftovers == []
+
+    # And back up again from nothing.
+    sqlalchemy_que.migrate(empty_engine)
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+
+
+def test_downgrade_refuses_while_jobs_exist(empty_engine: Engine) -> None:
+    sqlalchemy_que.migrate(empty_engine)
+    with empty_engine.begin() as connection:
+        insert_job(connection, "SendEmail", 1)
+        insert_job(connection, "SendEmail", 2)
+    with pytest.raises(SchemaError, match=r"2 job\(s\)"):
+        downgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        assert connection.execute(text("SELECT count(*) FROM que_jobs")).scalar_one() == 2
+        assert recorded_revisions(connection) == [head_revision()]
+
+    with empty_engine.begin() as connection:
+        connection.execute(text("DELETE FROM que_jobs"))
+    downgrade(empty_engine)  # allowed once the jobs are gone
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+
+
+def test_migrate_twice_changes_nothing_the_second_time(empty_engine: Engine) -> None:
+    statements = captured_statements(empty_engine)
+    sqlalchemy_que.migrate(empty_engine)
+    first_run = changing(statements)
+    assert any(s.lstrip().startswith("CREATE TABLE que_jobs") for s in first_run)
+    with empty_engine.begin() as connection:
+        job_id = insert_job(connection, "SendEmail", 1)
+        oid = connection.execute(text("SELECT 'que_jobs'::regclass::oid")).scalar_one()
+        before = connection.execute(SNAPSHOT).all()
+
+    statements.clear()
+    sqlalchemy_que.migrate(empty_engine)
+    assert statements  # it did look
+    assert changing(statements) == []
+    with empty_engine.connect() as connection:
+        assert connection.execute(text("SELECT 'que_jobs'::regclass::oid")).scalar_one() == oid
+        assert connection.execute(SNAPSHOT).all() == before
+        assert before[0].job_id == job_id
+        assert recorded_revisions(connection) == [head_revision()]
+
+
+def test_concurrent_migrations_wait_for_each_other(empty_engine: Engine) -> None:
+    """Two processes starting at once on an empty database: one creates, the other then
+    finds the table made. The migration lock is held here until both are waiting on it."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sqlalchemy_que.migrate(empty_engine)
+        except BaseException as error:  # handed to the test thread below
+            errors.append(error)
+
+    waiting = text(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND classid = 20837 AND objid = 1 AND database = "
+        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    with empty_engine.connect() as holder, empty_engine.connect() as observer:
+        holder.execute(text("SELECT pg_advisory_xact_lock(20837, 1)"))
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while observer.execute(waiting).scalar_one() < 2:
+            observer.rollback()  # a fresh snapshot of pg_locks each time
+            assert time.monotonic() < deadline, "the migrations never queued on the lock"
+            time.sleep(0.01)
+        holder.rollback()  # releases the lock: they go one after the other
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert errors == []
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        assert recorded_revisions(connection) == [head_revision()]
+
+
+def test_migrate_inside_the_callers_transaction_rolls_back_with_it(empty_engine: Engine) -> None:
+    with empty_engine.connect() as connection:
+        transaction = connection.begin()
+        sqlalchemy_que.migrate(connection)
+        assert table_exists(connection, "que_jobs")
+        transaction.rollback()
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+        assert not table_exists(connection, VERSION_TABLE)
+
+
+def test_offline_sql_creates_the_same_table(empty_engine: Engine) -> None:
+    sql = migrate_sql()
+    assert "CREATE TABLE que_jobs" in sql
+    assert "COMMENT ON TABLE que_jobs IS '3'" in sql
+    assert VERSION_TABLE in sql
+    assert head_revision() in sql
+    with empty_engine.connect() as connection:
+        # The printed script carries its own BEGIN/COMMIT: run it as a reviewer would.
+        connection.exec_driver_sql(sql)
+        connection.commit()
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        assert recorded_revisions(connection) == [head_revision()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adopting tables made by Ruby Que
+
+
+def test_adopts_a_ruby_version_3_table_without_touching_a_row(empty_engine: Engine) -> None:
+    with empty_engine.begin() as connection:
+        ruby_que_table(connection, 3)
+        connection.execute(text(RUBY_ROWS_V3))
+    with empty_engine.connect() as connection:
+        before = connection.execute(SNAPSHOT).all()
+        physical = connection.execute(
+            text("SELECT xmin::text, ctid::text FROM que_jobs ORDER BY job_id")
+        ).all()
+        shape = read_shape(connection)
+    assert shape == EXPECTED_V3
+    assert len(before) == 3
+
+    statements = captured_statements(empty_engine)
+    sqlalchemy_que.migrate(empty_engine)
+    touching_que_jobs = [s for s in changing(statements) if "que_jobs" in s]
+    assert touching_que_jobs == []
+
+    with empty_engine.connect() as connection:
+        after = connection.execute(SNAPSHOT).all()
+        assert after == before
+        assert [row.args_text for row in after] == [
+            '[1, "two" , {"b": 2, "a": 1}]', '[ "héllo ☃" ]', "[]",
+        ]
+        assert connection.execute(
+            text("SELECT xmin::text, ctid::text FROM que_jobs ORDER BY job_id")
+        ).all() == physical  # not even rewritten
+        assert read_shape(connection) == EXPECTED_V3
+        assert recorded_revisions(connection) == [head_revision()]
+        sqlalchemy_que.check_schema(connection)
+
+    # The sequence carries on from Ruby's last job_id.
+    with empty_engine.begin() as connection:
+        assert insert_job(connection, "AfterAdoption") == max(row.job_id for row in before) + 1
+
+
+@pytest.mark.parametrize(
+    ("version", "comment"),
+    [(1, False), (1, True), (2, True)],
+    ids=["version-1-without-comment", "version-1-comment-1", "version-2"],
+)
+def test_brings_an_older_ruby_table_to_version_3(
+    empty_engine: Engine, version: int, comment: bool
+) -> None:
+    with empty_engine.begin() as connection:
+        ruby_que_table(connection, version, comment=comment)
+        connection.execute(text(RUBY_ROWS_V1))
+    with empty_engine.connect() as connection:
+        assert sqlalchemy_que.schema_version(connection) == version
+        with pytest.raises(SchemaError, match=f"version {version}"):
+            sqlalchemy_que.check_schema(connection)
+        before = connection.execute(SNAPSHOT_V1).all()
+
+    sqlalchemy_que.migrate(empty_engine)
+
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        assert connection.execute(SNAPSHOT_V1).all() == before
+        queues = connection.execute(text("SELECT DISTINCT queue FROM que_jobs")).scalars().all()
+        assert queues == [""]
+        assert recorded_revisions(connection) == [head_revision()]
+        sqlalchemy_que.check_schema(connection)
+    with empty_engine.begin() as connection:
+        assert insert_job(connection, "AfterAdoption") == max(row.job_id for row in before) + 1
+
+
+def test_refuses_a_que_1x_table_and_leaves_it_alone(empty_engine: Engine) -> None:
+    with empty_engine.begin() as connection:
+        connection.execute(text(QUE_1X_TABLE))
+        connection.execute(
+            text("INSERT INTO que_jobs (job_class, args) VALUES ('NewQue', '[1, {\"a\": 2}]')")
+        )
+    catalog = text(
+        "SELECT attnum, attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = 'que_jobs'::regclass AND attnum > 0 ORDER BY attnum"
+    )
+    rows = text("SELECT *, args::text FROM que_jobs ORDER BY id")
+    with empty_engine.connect() as connection:
+        columns_before = connection.execute(catalog).all()
+        rows_before = connection.execute(rows).all()
+
+    with pytest.raises(UnsupportedSchemaError, match="version 4") as refused:
+        sqlalchemy_que.migrate(empty_engine)
+    assert refused.value.version == 4
+
+    with empty_engine.connect() as connection:
+        assert connection.execute(catalog).all() == columns_before
+        assert connection.execute(rows).all() == rows_before
+        assert sqlalchemy_que.schema_version(connection) == 4
+        assert not table_exists(connection, VERSION_TABLE)
+        with pytest.raises(UnsupportedSchemaError, match="version 4") as checked:
+            sqlalchemy_que.check_schema(connection)
+        assert checked.value.version == 4
+
+
+def test_check_schema_without_a_table_says_how_to_fix_it(empty_engine: Engine) -> None:
+    with empty_engine.connect() as connection:
+        assert sqlalchemy_que.schema_version(connection) == 0
+        with pytest.raises(SchemaError, match="sqlalchemy-que migrate") as missing:
+            sqlalchemy_que.check_schema(connection)
+    assert not isinstance(missing.value, UnsupportedSchemaError)
+    assert "que_jobs" in str(missing.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# pg_dump: ours and Ruby's are the same table
+
+
+def schema_dump(url: str) -> str:
+    libpq_url = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    result = subprocess.run(
+        [
+            str(find_postgres_bindir() / "pg_dump"), "--schema-only",
+            "-t", "que_jobs", "-t", "que_jobs_job_id_seq", f"--dbname={libpq_url}",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # pg_dump 15.14+ brackets the script with \restrict <random key>: differs on every run.
+    return "\n".join(
+        line for line in result.stdout.splitlines()
+        if not line.startswith(("\\restrict ", "\\unrestrict "))
+    )
+
+
+def test_pg_dump_matches_ruby_ques_own_migrations(new_database: Callable[[], str]) -> None:
+    ours_url, ruby_url = new_database(), new_database()
+    ours = create_engine(ours_url)
+    ruby = create_engine(ruby_url)
+    try:
+        sqlalchemy_que.migrate(ours)
+        with ruby.begin() as connection:
+            ruby_que_table(connection, 3)
+    finally:
+        ours.dispose()
+        ruby.dispose()
+
+    ours_dump, ruby_dump = schema_dump(ours_url), schema_dump(ruby_url)
+    assert "CREATE TABLE public.que_jobs" in ours_dump
+    assert "COMMENT ON TABLE public.que_jobs IS '3';" in ours_dump
+    assert "CREATE SEQUENCE public.que_jobs_job_id_seq" in ours_dump
+    assert "OWNED BY public.que_jobs.job_id" in ours_dump
+    assert VERSION_TABLE not in ours_dump
+    assert ours_dump.splitlines() == ruby_dump.splitlines()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside an application's own Alembic environment
+
+APP_ENV = '''
+from alembic import context
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+engine = create_engine(context.config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
+try:
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=None)
+        with context.begin_transaction():
+            context.run_migrations()
+finally:
+    engine.dispose()
+'''
+
+APP_MAKO = '''"""${message}"""
+revision = ${repr(up_revision)}
+down_revision = ${repr(down_revision)}
+branch_labels = ${repr(branch_labels)}
+depends_on = ${repr(depends_on)}
+
+
+def upgrade():
+    ${upgrades if upgrades else "pass"}
+
+
+def downgrade():
+    ${downgrades if downgrades else "pass"}
+'''
+
+APP_REVISION_ID = "0a1b2c3d4e5f"
+APP_REVISION = f'''"""The application's users."""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{APP_REVISION_ID}"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table(
+        "app_users",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.Text, nullable=False),
+    )
+
+
+def downgrade():
+    op.drop_table("app_users")
+'''
+
+
+def application_alembic(root: Path, url: str) -> Config:
+    """A minimal Alembic project of an application, including our revisions."""
+    (root / "versions").mkdir(parents=True)
+    (root / "env.py").write_text(textwrap.dedent(APP_ENV), encoding="utf-8")
+    (root / "script.py.mako").write_text(APP_MAKO, encoding="utf-8")
+    (root / "versions" / f"{APP_REVISION_ID}_app_users.py").write_text(
+        APP_REVISION, encoding="utf-8"
+    )
+    config = Config()
+    config.set_main_option("script_location", str(root))
+    config.set_main_option("path_separator", "os")
+    config.set_main_option(
+        "version_locations",
+        os.pathsep.join([str(root / "versions"), sqlalchemy_que.version_location()]),
+    )
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def test_in_an_applications_alembic_environment(
+    tmp_path: Path, empty_database_url: str, empty_engine: Engine
+) -> None:
+    config = application_alembic(tmp_path / "migrations", empty_database_url)
+    assert sorted(ScriptDirectory.from_config(config).get_heads()) == sorted(
+        [APP_REVISION_ID, head_revision()]
+    )
+
+    command.upgrade(config, "heads")
+    with empty_engine.connect() as connection:
+        assert table_exists(connection, "app_users")
+        assert read_shape(connection) == EXPECTED_V3
+        assert recorded_revisions(connection, "alembic_version") == sorted(
+            [APP_REVISION_ID, head_revision()]
+        )
+        assert not table_exists(connection, VERSION_TABLE)
+
+    command.downgrade(config, "que@base")
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+        assert not sequence_exists(connection)
+        assert table_exists(connection, "app_users")
+        assert recorded_revisions(connection, "alembic_version") == [APP_REVISION_ID]
+        assert not table_exists(connection, VERSION_TABLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The wheel
+
+MIGRATE_FROM_WHEEL = """
+import sys
+from sqlalchemy import create_engine
+import sqlalchemy_que
+
+print(sqlalchemy_que.__file__)
+print(sqlalchemy_que.migrations_path())
+engine = create_engine(sys.argv[1])
+sqlalchemy_que.migrate(engine)
+engine.dispose()
+"""
+
+
+def build_wheel(outdir: Path) -> Path:
+    """Build the wheel in an isolated environment, or without isolation when that cannot be
+    set up (no package index reachable)."""
+    base = [sys.executable, "-m", "build", "--wheel", "--outdir", str(outdir), str(REPOSITORY)]
+    result = subprocess.run(base, capture_output=True, text=True, timeout=540, check=False)
+    if result.returncode != 0:
+        result = subprocess.run(
+            [*base, "--no-isolation"], capture_output=True, text=True, timeout=300, check=False
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = outdir.glob("sqlalchemy_que-*.whl")
+    return wheel
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_wheel_ships_the_migrations_and_migrates(
+    tmp_path: Path, empty_database_url: str, empty_engine: Engine
+) -> None:
+    wheel = build_wheel(tmp_path / "dist")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        extracted = tmp_path / "site"
+        archive.extractall(extracted)
+    assert "sqlalchemy_que/py.typed" in names
+    assert "sqlalchemy_que/_migrations/env.py" in names
+    revision_files = sorted(p.name for p in (REPOSITORY / "migrations" / "versions").glob("*.py"))
+    assert revision_files
+    for name in revision_files:
+        assert f"sqlalchemy_que/_migrations/versions/{name}" in names
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", MIGRATE_FROM_WHEEL, empty_database_url],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(extracted)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    module_file, migrations = result.stdout.splitlines()[:2]
+    assert Path(module_file) == extracted / "sqlalchemy_que" / "__init__.py"
+    assert Path(migrations) == extracted / "sqlalchemy_que" / "_migrations"
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        assert recorded_revisions(connection) == [head_revision()]
