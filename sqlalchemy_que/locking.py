@@ -136,12 +136,12 @@ def lock_job(
         as que-go does ("try again later").
     """
     for _ in range(attempts):
-        row = connection.execute(LOCK_NEXT_JOB, {"queue": queue}).first()
-        if row is None:
-            connection.commit()
-            return None
-        job = LockedJob(*row)
         try:
+            row = connection.execute(LOCK_NEXT_JOB, {"queue": queue}).first()
+            if row is None:
+                connection.commit()
+                return None
+            job = LockedJob(*row)
             connection.commit()
             if recheck_job(connection, job):
                 connection.commit()
@@ -154,8 +154,9 @@ def lock_job(
             released = unlock_job(connection, job.job_id)
             connection.commit()
         except BaseException:
-            # The lock may be held and cannot be released on a connection in an unknown
-            # state: discard it, so that the server ends the session and its locks.
+            # A lock may have been taken (even by a statement whose result could not be
+            # read) and cannot be released on a connection in an unknown state: discard the
+            # connection, so that the server ends the session and its locks.
             connection.invalidate()
             raise
         if not released:

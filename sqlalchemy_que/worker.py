@@ -51,6 +51,11 @@ from .schema import check_schema
 
 __all__ = ["ErrorReporter", "Worker", "WorkerPool", "format_last_error"]
 
+
+class _LostLockError(QueError):
+    """The session holding a job's lock was replaced while the job ran."""
+
+
 logger = logging.getLogger("sqlalchemy_que.worker")
 
 #: Called with the exception and the job after a job fails; its own errors are only logged.
@@ -249,24 +254,39 @@ class Worker:
         """
         connection = self.engine.connect()
         job: LockedJob | None = None
+        holder: object = None
         try:
             job = lock_job(connection, self.queue)
             if job is None:
                 return False
+            # The DBAPI connection is the session that holds the lock. If SQLAlchemy ever
+            # replaces it (after a disconnect), the lock is gone and nothing more may be
+            # written about the job from here: another worker may hold it by now.
+            holder = connection.connection.dbapi_connection
             self._current = job
-            self._work(connection, job)
+            self._work(connection, job, holder)
             return True
         finally:
             try:
                 if job is not None:
-                    self._release(connection, job)
+                    self._release(connection, job, holder)
             finally:
                 self._current = None
                 connection.close()
 
+    @staticmethod
+    def _holds_lock(connection: Connection, holder: object) -> bool:
+        """True while ``connection`` is still the session that took the job's lock."""
+        if connection.invalidated or connection.closed:
+            return False
+        try:
+            return connection.connection.dbapi_connection is holder
+        except Exception:
+            return False
+
     # -- one job -------------------------------------------------------------------------
 
-    def _work(self, connection: Connection, job: LockedJob) -> None:
+    def _work(self, connection: Connection, job: LockedJob, holder: object) -> None:
         definition = self.registry.get(job.job_class)
         started = time.perf_counter()
         context: JobContext | None = None
@@ -295,12 +315,16 @@ class Worker:
                 )
             definition.handler(context, *args)
             context._finish_session(flush=True)
+            if not self._holds_lock(connection, holder):
+                raise _LostLockError(
+                    f"the connection that held job {job.job_id}'s lock was lost during the job"
+                )
             connection.execute(DELETE_JOB, job.key)
             connection.commit()
         except Exception as error:
             if context is not None:
                 context._finish_session(flush=False)
-            self._fail(connection, job, definition, error, context, started)
+            self._fail(connection, job, holder, definition, error, context, started)
             return
         except BaseException:
             # KeyboardInterrupt, SystemExit...: leave the row as it was; the caller unlocks.
@@ -360,6 +384,7 @@ class Worker:
         self,
         connection: Connection,
         job: LockedJob,
+        holder: object,
         definition: JobDefinition[Any] | None,
         error: Exception,
         context: JobContext | None,
@@ -369,6 +394,21 @@ class Worker:
         count = job.error_count + 1
         delay = self._retry_delay(definition, count)
         extra = {**self._extra(job, started), "outcome": "error", "retry_in": delay}
+        if not self._holds_lock(connection, holder):
+            # The lock went with the lost session. Another worker may be working the job
+            # now, so leave the row alone: the job is retried as it is.
+            logger.error(
+                "%s: job %s %s failed after its connection was lost; leaving it as it was "
+                "for a retry: %s",
+                self.name,
+                job.job_id,
+                job.job_class,
+                error,
+                exc_info=error,
+                extra=extra,
+            )
+            self._report(error, context)
+            return
         try:
             connection.execute(
                 RECORD_ERROR, {**job.key, "delay": delay, "last_error": format_last_error(error)}
@@ -393,15 +433,24 @@ class Worker:
             exc_info=error,
             extra=extra,
         )
+        self._report(error, context)
+
+    def _report(self, error: Exception, context: JobContext | None) -> None:
         if self.on_error is not None and context is not None:
             try:
                 self.on_error(error, context)
             except Exception:
                 logger.exception("%s: the error reporter raised; ignored", self.name)
 
-    def _release(self, connection: Connection, job: LockedJob) -> None:
+    def _release(self, connection: Connection, job: LockedJob, holder: object) -> None:
         """Unlock the job; invalidate the connection unless the unlock is confirmed."""
         released = False
+        if not self._holds_lock(connection, holder):
+            # The locking session is gone (and its lock with it); whatever session the
+            # connection has now must not run anything about the job.
+            if not connection.invalidated and not connection.closed:
+                connection.invalidate()
+            return
         try:
             if connection.in_transaction():
                 connection.rollback()
