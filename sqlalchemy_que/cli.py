@@ -353,6 +353,14 @@ def clear(database_url: str | None, yes: bool) -> None:
 )
 @click.option("--burst", is_flag=True, help="Work until no job is ready, then exit 0.")
 @click.option(
+    "--listen/--no-listen",
+    envvar="QUE_LISTEN",
+    show_envvar=True,
+    default=True,
+    show_default=True,
+    help="Start jobs as soon as they are committed (LISTEN/NOTIFY); polling always runs.",
+)
+@click.option(
     "--log-level",
     envvar="QUE_LOG_LEVEL",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
@@ -370,6 +378,7 @@ def worker(
     wake_interval: float,
     shutdown_timeout: float | None,
     burst: bool,
+    listen: bool,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -381,7 +390,12 @@ def worker(
         engine = _engine(database_url, pool_size=workers, max_overflow=2, pool_pre_ping=True)
         try:
             pool = WorkerPool(
-                engine, handlers, queue=queue, workers=workers, wake_interval=wake_interval
+                engine,
+                handlers,
+                queue=queue,
+                workers=workers,
+                wake_interval=wake_interval,
+                listen=listen,
             )
             still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
         finally:

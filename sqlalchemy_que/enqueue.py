@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, scoped_session
 from ._json import _PreDumped, dump_args
 from .errors import InvalidJobError
 from .model import QueJob
+from .notify import notify_job
 
 if TYPE_CHECKING:
     from .jobs import JobDefinition
@@ -182,7 +183,12 @@ def insert_job(
     values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
     table = cast(Table, QueJob.__table__)  # declared as FromClause; it is the mapped Table
     job_id: int = bind.execute(insert(table).values(values).returning(table.c.job_id)).scalar_one()
+    notify_job(_connection_of(bind), values.get("queue", ""), values.get("run_at"))
     return job_id
+
+
+def _connection_of(bind: Bind) -> Connection:
+    return bind.connection() if isinstance(bind, Session | scoped_session) else bind
 
 
 _COPY_ORDER = ("job_class", "args", "queue", "priority", "run_at")
@@ -211,6 +217,8 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
     :raises InvalidJobError: naming the bad job and value, before anything is sent.
     """
     groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    # The earliest run_at per queue (None: now), for one wake-up per queue.
+    earliest: dict[str, datetime.datetime | None] = {}
     count = 0
     for index, job in enumerate(jobs):
         if not isinstance(job, QueJob):
@@ -223,10 +231,15 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
             raise InvalidJobError(f"jobs[{index}]: {exc}") from None
         columns = tuple(name for name in _COPY_ORDER if name in values)
         groups.setdefault(columns, []).append(tuple(values[name] for name in columns))
+        queue, run_at = values.get("queue", ""), values.get("run_at")
+        if queue not in earliest or (
+            run_at is None or (earliest[queue] is not None and run_at < earliest[queue])
+        ):
+            earliest[queue] = run_at
         count += 1
     if not count:
         return 0
-    connection = bind.connection() if isinstance(bind, Session | scoped_session) else bind
+    connection = _connection_of(bind)
     if not connection.in_transaction():
         connection.begin()
     raw = connection.connection.driver_connection
@@ -238,4 +251,6 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
             with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)
+    for queue, run_at in earliest.items():
+        notify_job(connection, queue, run_at)
     return count

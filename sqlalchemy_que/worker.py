@@ -46,6 +46,7 @@ from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
 
 from .errors import QueError, UnknownJobClassError, WorkerError
 from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay
+from .listener import Listener
 from .locking import LockedJob, lock_job, unlock_job
 from .schema import check_schema
 
@@ -151,6 +152,8 @@ class Worker:
     :param on_error: called with the exception and the job after a job fails; whatever it
         raises is logged, never fatal.
     :param name: a name for logs; default ``"worker"``.
+    :param on_locked: called each time the worker locks a job (a pool uses it to wake one
+        idle worker, since one ready job often means more).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class Worker:
         wake_interval: float = 5.0,
         on_error: ErrorReporter | None = None,
         name: str = "worker",
+        on_locked: Callable[[], object] | None = None,
     ) -> None:
         if not isinstance(queue, str):
             raise WorkerError(f"queue must be a str, got {queue!r}")
@@ -174,6 +178,8 @@ class Worker:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._current: LockedJob | None = None
+        self._on_locked = on_locked
+        self.sleeping = False
 
     # -- control -------------------------------------------------------------------------
 
@@ -197,8 +203,12 @@ class Worker:
         self._wake.set()
 
     def _sleep(self, seconds: float) -> None:
-        if self._wake.wait(seconds):
-            self._wake.clear()
+        self.sleeping = True
+        try:
+            if self._wake.wait(seconds):
+                self._wake.clear()
+        finally:
+            self.sleeping = False
 
     # -- loops ---------------------------------------------------------------------------
 
@@ -264,6 +274,8 @@ class Worker:
             # written about the job from here: another worker may hold it by now.
             holder = connection.connection.dbapi_connection
             self._current = job
+            if self._on_locked is not None:
+                self._on_locked()  # there may be more: let an idle colleague look
             self._work(connection, job, holder)
             return True
         finally:
@@ -492,6 +504,11 @@ class WorkerPool:
 
     :param workers: how many worker threads; default 4, as Ruby Que.
     :param check_schema: check at start that ``que_jobs`` is a Que 0.x version 3 table.
+    :param listen: keep one extra, dedicated connection listening for the notifications our
+        enqueue sends, so that jobs start within milliseconds of their commit instead of at
+        the next poll (see :mod:`sqlalchemy_que.listener`). Turn it off where ``LISTEN``
+        does not work, such as behind a transaction-pooling proxy; polling every
+        ``wake_interval`` still finds every job.
     Other parameters as for :class:`Worker`.
     """
 
@@ -505,6 +522,7 @@ class WorkerPool:
         wake_interval: float = 5.0,
         on_error: ErrorReporter | None = None,
         check_schema: bool = True,
+        listen: bool = True,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise WorkerError(f"workers must be a whole number >= 1, got {workers!r}")
@@ -520,10 +538,21 @@ class WorkerPool:
                 wake_interval=wake_interval,
                 on_error=on_error,
                 name=f"que-worker-{index}",
+                on_locked=self._wake_idle,
             )
             for index in range(workers)
         ]
         self._threads: list[threading.Thread] = []
+        self.listener = Listener(engine, queue, self._wake_idle) if listen else None
+
+    def _wake_idle(self) -> None:
+        """Wake one sleeping worker, if any: one ready job wakes one worker, and each worker
+        that then locks a job wakes the next, so a burst of jobs wakes as many workers as
+        there are jobs and a single job does not wake the whole pool."""
+        for worker in self.workers:
+            if worker.sleeping:
+                worker.wake()
+                return
 
     def _preflight(self) -> None:
         capacity = _pool_capacity(self.engine)
@@ -551,6 +580,8 @@ class WorkerPool:
         if self._threads:
             raise WorkerError("this WorkerPool was already started")
         self._preflight()
+        if self.listener is not None:
+            self.listener.start()
         for worker in self.workers:
             thread = threading.Thread(
                 target=worker.run, kwargs={"burst": burst}, name=worker.name, daemon=True
@@ -594,9 +625,12 @@ class WorkerPool:
             and its lock is released at the latest when its connection closes (at process
             exit for the worker threads, which are daemons).
         """
+        started = time.monotonic()
         for worker in self.workers:
             worker.stop()
-        self.join(timeout)
+        if self.listener is not None:
+            self.listener.stop(timeout)
+        self.join(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
         still_running = self.running_jobs
         if still_running:
             logger.warning(

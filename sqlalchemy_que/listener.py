@@ -1,0 +1,134 @@
+"""Instant wake-up, the receiving side: one listening connection per worker pool.
+
+A :class:`Listener` holds a dedicated connection (opened with the Engine's own connection
+arguments, never taken from the pool the workers use), ``LISTEN``\\ s on the channel of its
+queue (see :mod:`sqlalchemy_que.notify`), and calls ``wake`` when a job is ready: at once for a
+job due now, or when its ``run_at`` comes for a job due within the next hour (a timer), so
+that a scheduled job starts on time rather than at the next poll.
+
+Polling stays the safety net: a lost notification (the listening connection dropped, a job
+from Ruby, Go or raw SQL) only means the job is found at the next poll. A lost connection is
+reopened with a growing pause (0.1 s doubling up to 30 s), logged, and the pool is woken once
+when it is back, in case something was missed meanwhile.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import Engine
+
+from .notify import channel_for, parse_payload
+
+__all__ = ["Listener"]
+
+logger = logging.getLogger("sqlalchemy_que.listener")
+
+#: Jobs due further ahead than this are left to polling rather than held as timers.
+TIMER_HORIZON = 3600.0
+
+_MAX_BACKOFF = 30.0
+_TICK = 0.25  # the longest the listener waits before looking at timers and stop requests
+
+
+class Listener:
+    """Listens for jobs of ``queue`` and calls ``wake()`` when one is (or becomes) ready.
+
+    :param engine: whose URL and connection arguments the listening connection uses.
+    :param queue: the queue to listen for.
+    :param wake: called from the listener's thread when a job is ready.
+    """
+
+    def __init__(self, engine: Engine, queue: str, wake: Callable[[], object]) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.channel = channel_for(queue)
+        self._wake = wake
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._timers: list[float] = []  # a heap of monotonic times at which to wake
+        self._connection: psycopg.Connection[Any] | None = None
+        self.connected = threading.Event()
+        #: How many notifications arrived (for tests and monitoring).
+        self.received = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"que-listener-{self.channel}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        cparams = {**cparams, "autocommit": True}
+        cparams.setdefault("application_name", "sqlalchemy-que listener")
+        connection: psycopg.Connection[Any] = psycopg.connect(*cargs, **cparams)
+        connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        return connection
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stopping.is_set():
+            try:
+                self._connection = self._connect()
+            except psycopg.Error as error:
+                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
+                logger.warning(
+                    "cannot open the listening connection, retrying in %.1fs: %s",
+                    backoff,
+                    error,
+                    extra={"queue": self.queue, "backoff": backoff},
+                )
+                self._stopping.wait(backoff)
+                continue
+            if backoff:
+                logger.info("listening again for queue %r", self.queue)
+                self._wake()  # something may have been enqueued while we were away
+            backoff = 0.0
+            self.connected.set()
+            try:
+                self._listen(self._connection)
+            except psycopg.Error as error:
+                backoff = 0.1
+                logger.warning(
+                    "the listening connection was lost, reconnecting: %s",
+                    error,
+                    extra={"queue": self.queue},
+                )
+            finally:
+                self.connected.clear()
+                self._connection.close()
+                self._connection = None
+            if backoff:
+                self._stopping.wait(backoff)
+
+    def _listen(self, connection: psycopg.Connection[Any]) -> None:
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            while self._timers and self._timers[0] <= now:
+                heapq.heappop(self._timers)
+                self._wake()
+            timeout = _TICK if not self._timers else min(_TICK, self._timers[0] - now)
+            for notification in connection.notifies(timeout=max(timeout, 0.0)):
+                self.received += 1
+                self._on_notification(notification.payload)
+
+    def _on_notification(self, payload: str) -> None:
+        run_at = parse_payload(payload)
+        delay = 0.0 if run_at is None else run_at - time.time()
+        if delay <= 0.0:
+            self._wake()
+        elif delay <= TIMER_HORIZON:
+            heapq.heappush(self._timers, time.monotonic() + delay)
