@@ -69,8 +69,10 @@ class JobContext:
 
     What the handler writes through either commits in the same transaction as the job's
     ``DELETE``, or is rolled back when the handler raises: a job's effects and its completion
-    are atomic. ``session.commit()`` inside a handler flushes but leaves the final commit to
-    the worker.
+    are atomic. The session works in a savepoint of the job's transaction: its ``commit()``
+    keeps the handler's changes for the worker's final commit, and its ``rollback()`` undoes
+    the handler's changes since the last ``commit()`` without failing the job. Never commit
+    or roll back :attr:`connection` itself: that would end the job's transaction.
     """
 
     __slots__ = (
@@ -112,17 +114,22 @@ class JobContext:
 
     @property
     def session(self) -> Session:
-        """A Session joined to the job's transaction (it never commits that transaction)."""
+        """A Session in a savepoint of the job's transaction (it never commits that
+        transaction)."""
         if self._session is None:
-            self._session = Session(bind=self.connection, join_transaction_mode="rollback_only")
+            # Savepoint mode: the handler's commit() releases, and its rollback() rolls back
+            # to, a savepoint of its own; the job's transaction stays the worker's.
+            self._session = Session(bind=self.connection, join_transaction_mode="create_savepoint")
         return self._session
 
-    def _finish_session(self, *, flush: bool) -> None:
-        """Flush what the handler left pending (on success), then let go of the Session."""
+    def _finish_session(self, *, keep: bool) -> None:
+        """Keep (on success) or drop what the handler did through the Session, then let go of
+        it. Keeping flushes what is pending and releases the session's savepoint into the
+        job's transaction, which the worker then commits."""
         if self._session is not None:
             try:
-                if flush:
-                    self._session.flush()
+                if keep:
+                    self._session.commit()
             finally:
                 self._session.close()
                 self._session = None

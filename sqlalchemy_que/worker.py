@@ -326,7 +326,7 @@ class Worker:
                     f"(it knows {sorted(self.registry) or 'no job classes'})"
                 )
             definition.handler(context, *args)
-            context._finish_session(flush=True)
+            context._finish_session(keep=True)
             if not self._holds_lock(connection, holder):
                 raise _LostLockError(
                     f"the connection that held job {job.job_id}'s lock was lost during the job"
@@ -335,13 +335,13 @@ class Worker:
             connection.commit()
         except Exception as error:
             if context is not None:
-                context._finish_session(flush=False)
+                context._finish_session(keep=False)
             self._fail(connection, job, holder, definition, error, context, started)
             return
         except BaseException:
             # KeyboardInterrupt, SystemExit...: leave the row as it was; the caller unlocks.
             if context is not None:
-                context._finish_session(flush=False)
+                context._finish_session(keep=False)
             self._rollback_quietly(connection)
             logger.warning(
                 "%s: job %s interrupted; released untouched",

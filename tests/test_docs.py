@@ -38,7 +38,8 @@ def test_every_python_block_of_the_page_runs(page: Path, empty_database_url: str
     namespace: dict[str, object] = {"database_url": empty_database_url, "__name__": "docs"}
     try:
         for number, block in enumerate(python_blocks(page), start=1):
-            code = compile(block, f"{page.name} (python block {number})", "exec")
+            # dont_inherit: the block must not see this file's __future__ imports.
+            code = compile(block, f"{page.name} (python block {number})", "exec", dont_inherit=True)
             exec(code, namespace)  # noqa: S102  (our own documentation)
     finally:
         for value in namespace.values():

@@ -366,3 +366,17 @@ def test_a_pool_works_a_queue_with_several_workers(engine: Engine) -> None:
         assert pool.is_alive()
     assert not pool.is_alive()
     assert sorted(done) == list(range(40))
+
+
+def test_a_handlers_session_rollback_undoes_only_its_own_writes(ledger: Engine) -> None:
+    def change_of_mind(job: JobContext) -> None:
+        job.session.execute(text("INSERT INTO test_ledger VALUES ('kept')"))
+        job.session.commit()
+        job.session.execute(text("INSERT INTO test_ledger VALUES ('undone')"))
+        job.session.rollback()
+        job.session.execute(text("INSERT INTO test_ledger VALUES ('after')"))
+
+    add_job(ledger, "ChangeOfMind")
+    assert Worker(ledger, {"ChangeOfMind": change_of_mind}).work_one()
+    assert sorted(ledger_notes(ledger)) == ["after", "kept"]
+    assert job_rows(ledger) == []

@@ -1,0 +1,349 @@
+"""The Flask integration, through the example app of ``docs/examples/flask_app.py``: jobs
+enqueued with a request's data, handlers writing through ``db.session`` atomically with the
+job's completion, configuration, and the ``flask que`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import flask
+import pytest
+from click.testing import CliRunner
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import Engine, text
+
+import sqlalchemy_que.cli
+from docs.examples import flask_app
+from docs.examples.flask_app import User, create_app, db, que
+from sqlalchemy_que import JobContext, JobRegistry, QueError, Worker, WorkerError, WorkerPool
+from sqlalchemy_que.flask import Que
+
+from .conftest import wait_for
+from .helpers import job_rows
+
+
+class Outbox:
+    """A ``send_mail`` that records what was sent, or raises when told to."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.error: Exception | None = None
+        self.before_send: list[Any] = []
+
+    def __call__(self, to: str, subject: str) -> None:
+        for check in self.before_send:
+            check()
+        if self.error is not None:
+            raise self.error
+        self.sent.append((to, subject))
+
+
+@pytest.fixture
+def outbox() -> Outbox:
+    return Outbox()
+
+
+@pytest.fixture
+def app(database_url: str, engine: Engine, outbox: Outbox) -> Iterator[flask.Flask]:
+    app = create_app(database_url, send_mail=outbox)
+    with app.app_context():
+        db.drop_all()
+        db.create_all()
+    yield app
+    with app.app_context():
+        db.drop_all()
+        db.engine.dispose()  # no connection left to be garbage-collected open
+
+
+def users(engine: Engine) -> list[tuple[int, str, bool]]:
+    with engine.connect() as connection:
+        return [
+            (row.id, row.email, row.welcomed)
+            for row in connection.execute(text("SELECT * FROM users ORDER BY id"))
+        ]
+
+
+def signup(app: flask.Flask, email: str) -> int:
+    response = app.test_client().post("/signup", json={"email": email})
+    assert response.status_code == 201, response.text
+    user_id: int = response.get_json()["id"]
+    return user_id
+
+
+def single_worker(app: flask.Flask) -> Worker:
+    """The one worker of a one-worker pool, to work jobs one at a time in this thread."""
+    (worker,) = que.worker_pool(app=app, workers=1).workers
+    return worker
+
+
+# -- enqueueing in a request ---------------------------------------------------------------
+
+
+def test_a_request_commits_its_user_and_job_together(app: flask.Flask, engine: Engine) -> None:
+    user_id = signup(app, "ada@example.com")
+    assert users(engine) == [(user_id, "ada@example.com", False)]
+    (row,) = job_rows(engine)
+    assert (row["job_class"], json.loads(row["args"]), row["priority"]) == (
+        "SendWelcomeEmail",
+        [user_id],
+        10,
+    )
+
+
+def test_a_failing_request_rolls_back_its_users_and_jobs(app: flask.Flask, engine: Engine) -> None:
+    response = app.test_client().post(
+        "/signups", json={"emails": ["ada@example.com", "grace@example.com", "not-an-address"]}
+    )
+    assert response.status_code == 400
+    assert "not-an-address" in response.text
+    assert users(engine) == []
+    assert job_rows(engine) == []
+
+
+# -- working jobs ----------------------------------------------------------------------------
+
+
+def test_the_handlers_db_session_write_commits_with_the_jobs_deletion(
+    app: flask.Flask, engine: Engine, outbox: Outbox
+) -> None:
+    user_id = signup(app, "ada@example.com")
+
+    def inside_the_handler() -> None:
+        # The handler runs in an app context of the app, where db.session is the job's.
+        assert flask.current_app._get_current_object() is app  # type: ignore[attr-defined]
+        assert db.session.get_one(User, user_id).welcomed
+        # Its db.session.commit() only flushed: nothing is visible outside the job yet.
+        assert users(engine) == [(user_id, "ada@example.com", False)]
+        assert len(job_rows(engine)) == 1
+
+    outbox.before_send.append(inside_the_handler)
+    assert single_worker(app).work_one() is True
+    assert outbox.sent == [("ada@example.com", "Welcome!")]
+    assert users(engine) == [(user_id, "ada@example.com", True)]
+    assert job_rows(engine) == []
+
+
+def test_a_handler_that_writes_then_raises_leaves_no_write_and_the_job_errored(
+    app: flask.Flask, engine: Engine, outbox: Outbox
+) -> None:
+    user_id = signup(app, "ada@example.com")
+    outbox.error = ConnectionError("mail server down")
+    assert single_worker(app).work_one() is True
+    assert users(engine) == [(user_id, "ada@example.com", False)]
+    (row,) = job_rows(engine)
+    assert row["error_count"] == 1
+    assert row["last_error"].splitlines()[0] == "ConnectionError: mail server down"
+    assert row["run_in"] > 0  # retried later
+
+    outbox.error = None
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE que_jobs SET run_at = now()"))
+    assert single_worker(app).work_one() is True
+    assert users(engine) == [(user_id, "ada@example.com", True)]
+    assert job_rows(engine) == []
+
+
+def test_pending_changes_a_handler_did_not_flush_are_committed(
+    database_url: str, engine: Engine, app: flask.Flask
+) -> None:
+    # A handler that adds without flushing: the wrapper flushes before the app context's
+    # teardown closes db.session.
+    extra = flask.Flask("extra")
+    extra.config["SQLALCHEMY_DATABASE_URI"] = database_url
+    other_db = SQLAlchemy(extra, metadata=User.metadata)
+    other = JobRegistry()
+
+    @other.job("AddUser")
+    def add_user(job: JobContext, email: str) -> None:
+        other_db.session.add(User(email=email))
+
+    Que(extra, handlers=other)
+    with extra.app_context():
+        with other_db.engine.begin() as connection:
+            add_user.insert(connection, "grace@example.com")
+        pool = extra.extensions["que"].worker_pool(workers=1)
+        try:
+            assert pool.workers[0].work_one() is True
+        finally:
+            other_db.engine.dispose()
+    assert [email for _, email, _ in users(engine)] == ["grace@example.com"]
+    assert job_rows(engine) == []
+
+
+def test_a_burst_pool_works_every_job(app: flask.Flask, engine: Engine, outbox: Outbox) -> None:
+    emails = [f"user{i}@example.com" for i in range(6)]
+    for email in emails:
+        signup(app, email)
+    pool = que.worker_pool(app=app)
+    assert len(pool.workers) == 2  # QUE_WORKER_COUNT of the example
+    assert pool.run(burst=True, handle_signals=False) == []
+    assert sorted(to for to, _ in outbox.sent) == sorted(emails)
+    assert all(welcomed for _, _, welcomed in users(engine))
+    assert job_rows(engine) == []
+
+
+# -- the flask que commands ------------------------------------------------------------------
+
+
+def test_flask_que_migrate_stats_and_worker(
+    app: flask.Flask, database_url: str, engine: Engine, outbox: Outbox
+) -> None:
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["que", "migrate"])
+    assert result.exit_code == 0, result.output
+    assert "schema version 3" in result.output
+
+    signup(app, "ada@example.com")
+    signup(app, "grace@example.com")
+    result = runner.invoke(args=["que", "stats"])
+    assert result.exit_code == 0, result.output
+    assert "SendWelcomeEmail" in result.output
+    standalone = CliRunner().invoke(
+        sqlalchemy_que.cli.main, ["stats", "--database-url", database_url]
+    )
+    assert result.output == standalone.output  # the same table as the standalone command
+    result = runner.invoke(args=["que", "stats", "--json"])
+    assert json.loads(result.output)["job_stats"][0]["count"] == 2
+
+    result = runner.invoke(args=["que", "worker", "--burst", "--wake-interval", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert len(outbox.sent) == 2
+    assert job_rows(engine) == []
+    assert all(welcomed for _, _, welcomed in users(engine))
+
+
+def test_flask_que_worker_exits_3_when_jobs_outlast_the_shutdown_timeout(
+    app: flask.Flask, engine: Engine, outbox: Outbox
+) -> None:
+    signup(app, "ada@example.com")
+    released = threading.Event()
+
+    def stop_the_worker_and_wait() -> None:
+        # SIGTERM to this process, caught by the pool's handler in the main thread (where
+        # the command runs); the job then outlasts the shutdown timeout of 0 seconds.
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert released.wait(30)
+
+    outbox.before_send.append(stop_the_worker_and_wait)
+    try:
+        result = app.test_cli_runner().invoke(
+            args=["que", "worker", "--workers", "1", "--shutdown-timeout", "0"]
+        )
+    finally:
+        released.set()
+    assert result.exit_code == 3, result.output
+    assert "1 job(s) still running" in result.output
+    # The job's thread finishes it once let go, then ends (before the app's engine is
+    # disposed of by the fixture).
+    wait_for(
+        lambda: not any(thread.name.startswith("que-worker-") for thread in threading.enumerate()),
+        message="the worker thread to end",
+    )
+    assert job_rows(engine) == []
+    assert outbox.sent == [("ada@example.com", "Welcome!")]
+
+
+def test_flask_que_worker_explains_a_pool_too_small(database_url: str, engine: Engine) -> None:
+    app = create_app(
+        database_url,
+        config={"SQLALCHEMY_ENGINE_OPTIONS": {"pool_size": 1, "max_overflow": 0}},
+    )
+    try:
+        result = app.test_cli_runner().invoke(args=["que", "worker", "--burst", "--workers", "3"])
+        assert result.exit_code == 1
+        assert "pool_size=3" in result.output
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_config_is_read_once_and_options_override_it(database_url: str) -> None:
+    app = create_app(
+        database_url,
+        config={"QUE_QUEUE": "mail", "QUE_WORKER_COUNT": "3", "QUE_WAKE_INTERVAL": "0.5"},
+    )
+    app.config["QUE_QUEUE"] = "changed later"  # not seen: read by init_app
+    pool = que.worker_pool(app=app)
+    assert (pool.queue, len(pool.workers), pool.workers[0].wake_interval) == ("mail", 3, 0.5)
+    pool = que.worker_pool(app=app, queue="other", workers=1, wake_interval=2)
+    assert (pool.queue, len(pool.workers), pool.workers[0].wake_interval) == ("other", 1, 2.0)
+    assert app.extensions["que"] is que
+    assert "que" in app.cli.commands
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("QUE_QUEUE", 7),
+        ("QUE_WORKER_COUNT", 0),
+        ("QUE_WORKER_COUNT", "four"),
+        ("QUE_WORKER_COUNT", True),
+        ("QUE_WAKE_INTERVAL", 0),
+        ("QUE_WAKE_INTERVAL", float("nan")),
+        ("QUE_SHUTDOWN_TIMEOUT", -1),
+        ("QUE_SHUTDOWN_TIMEOUT", "soon"),
+    ],
+)
+def test_a_bad_config_value_is_refused_naming_the_key_and_value(key: str, value: object) -> None:
+    app = flask.Flask("bad_config")
+    app.config.update(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://localhost/unused")
+    app.config[key] = value
+    SQLAlchemy(app)
+    with pytest.raises(WorkerError, match=key) as raised:
+        Que(app, handlers={})
+    assert repr(value) in str(raised.value)
+    assert "que" not in app.extensions
+
+
+def test_que_handlers_config_names_the_handlers_by_import_path() -> None:
+    app = flask.Flask("handlers_by_path")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI="postgresql+psycopg://localhost/unused",
+        QUE_HANDLERS="docs.examples.flask_app:jobs",
+    )
+    SQLAlchemy(app)  # found in app.extensions: no db= needed
+    que = Que(app)
+    pool = que.worker_pool(workers=1)
+    assert isinstance(pool, WorkerPool)
+    assert list(pool.registry) == ["SendWelcomeEmail"]
+    assert pool.registry["SendWelcomeEmail"].priority == 10
+
+
+def test_que_handlers_config_errors_name_the_key() -> None:
+    def make(handlers_config: object, **options: Any) -> None:
+        app = flask.Flask("handlers_errors")
+        app.config.update(
+            SQLALCHEMY_DATABASE_URI="postgresql+psycopg://localhost/unused",
+            QUE_HANDLERS=handlers_config,
+        )
+        Que(app, db=SQLAlchemy(app), **options)
+
+    with pytest.raises(WorkerError, match=r"QUE_HANDLERS = 'docs.examples.flask_app:nope'"):
+        make("docs.examples.flask_app:nope")
+    with pytest.raises(WorkerError, match="QUE_HANDLERS must be"):
+        make(42)
+    with pytest.raises(WorkerError, match="give the handlers one way"):
+        make("docs.examples.flask_app:jobs", handlers=flask_app.jobs)
+
+
+def test_que_needs_flask_sqlalchemy_and_handlers() -> None:
+    with pytest.raises(QueError, match=r"call db.init_app\(app\) before que.init_app\(app\)"):
+        Que(flask.Flask("no_db"))
+    app = flask.Flask("no_handlers")
+    app.config["SQLALCHEMY_DATABASE_URI"] = "postgresql+psycopg://localhost/unused"
+    SQLAlchemy(app)
+    que = Que(app)
+    with pytest.raises(WorkerError, match="no job handlers"):
+        que.worker_pool()
+    with pytest.raises(QueError, match="already registered"):
+        Que(app)
+    with pytest.raises(QueError, match="not registered on the app"):
+        que.worker_pool(app=flask.Flask("elsewhere"))
