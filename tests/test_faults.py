@@ -207,7 +207,10 @@ def test_four_worker_threads_work_every_job_exactly_once(
 
     assert engine.pool.size() >= 4  # type: ignore[attr-defined]
     pool = WorkerPool(
-        engine, {"Count": count}, workers=4, wake_interval=0.05,
+        engine,
+        {"Count": count},
+        workers=4,
+        wake_interval=0.05,
         on_error=lambda error, _job: errors.append(error),
     )
     try:
@@ -240,9 +243,19 @@ def test_three_worker_processes_work_every_job_exactly_once(
     ready = [tmp_path / f"ready-{index}" for index in range(3)]
     started = [
         processes.spawn(
-            "burst", "--url", database_url, "--table", runs_table, "--workers", "4",
-            "--ready", str(flag), "--timeout", str(PROCESS_TIMEOUT),
-            "--app-name", f"que-fault-burst-{index}",
+            "burst",
+            "--url",
+            database_url,
+            "--table",
+            runs_table,
+            "--workers",
+            "4",
+            "--ready",
+            str(flag),
+            "--timeout",
+            str(PROCESS_TIMEOUT),
+            "--app-name",
+            f"que-fault-burst-{index}",
             stdin=True,
         )
         for index, flag in enumerate(ready)
@@ -281,8 +294,15 @@ def test_a_worker_process_killed_mid_job_leaves_the_job_intact_and_unlocked(
     (before,) = job_rows(engine)
     app_name = f"que-fault-block-{uuid.uuid4().hex[:8]}"
     process = processes.spawn(
-        "block", "--url", database_url, "--table", runs_table, "--app-name", app_name,
-        "--block-seconds", str(PROCESS_TIMEOUT),
+        "block",
+        "--url",
+        database_url,
+        "--table",
+        runs_table,
+        "--app-name",
+        app_name,
+        "--block-seconds",
+        str(PROCESS_TIMEOUT),
     )
 
     def started() -> bool:
@@ -404,7 +424,10 @@ def test_a_worker_that_lost_its_session_does_not_touch_a_job_another_worker_now_
         job.session.execute(text("SELECT 1"))  # the backend is gone: this raises
 
     worker = Worker(
-        worker_engine, {"Lost": lost}, wake_interval=0.05, name="que-lost-session",
+        worker_engine,
+        {"Lost": lost},
+        wake_interval=0.05,
+        name="que-lost-session",
         on_error=lambda _error, _job: reported.set(),
     )
     thread = run_in_thread(worker)
@@ -424,7 +447,9 @@ def test_a_worker_that_lost_its_session_does_not_touch_a_job_another_worker_now_
                 assert reported.wait(10), "the first worker did not finish failing the job"
                 (row,) = job_rows(engine)
                 assert (row["error_count"], row["run_at"], row["last_error"]) == (
-                    0, before["run_at"], None,
+                    0,
+                    before["run_at"],
+                    None,
                 ), "the row was changed by a worker that no longer held its lock"
                 completed = other.execute(DELETE_JOB, taken.key).rowcount
                 other.commit()
@@ -467,12 +492,16 @@ def test_a_ready_row_the_driver_cannot_read_leaves_no_lock_on_a_pooled_connectio
         with pytest.raises(DBAPIError):
             worker.work_one()
         with worker_engine.connect() as pooled:
-            locks_of_pooled_session = pooled.execute(
-                text(
-                    "SELECT (classid::bigint << 32) + objid::bigint FROM pg_locks "
-                    "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            locks_of_pooled_session = (
+                pooled.execute(
+                    text(
+                        "SELECT (classid::bigint << 32) + objid::bigint FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
         assert locks_of_pooled_session == [], (
             f"job {poison}'s lock went back to the pool with the connection"
         )
@@ -502,7 +531,12 @@ RUBY_ARGS = (
     '{"trailing":"hash"}]'
 )
 RUBY_EXPECTED: list[Any] = [
-    1, "two", {"nested": {"a": [True, False, None]}, "unicode": "héllo ☃"}, 3.25, None, True,
+    1,
+    "two",
+    {"nested": {"a": [True, False, None]}, "unicode": "héllo ☃"},
+    3.25,
+    None,
+    True,
     {"trailing": "hash"},
 ]
 
@@ -534,19 +568,34 @@ def test_jobs_written_by_ruby_que_are_worked_with_the_exact_arguments(engine: En
         ).scalar_one()
         bound = connection.execute(
             RUBY_INSERT,
-            {"queue": None, "priority": None, "run_at": None, "job_class": "RubyJob",
-             "args": RUBY_ARGS},
+            {
+                "queue": None,
+                "priority": None,
+                "run_at": None,
+                "job_class": "RubyJob",
+                "args": RUBY_ARGS,
+            },
         ).scalar_one()
         bare = connection.execute(
             RUBY_INSERT,
-            {"queue": None, "priority": None, "run_at": None, "job_class": "Ruby::Bare",
-             "args": None},
+            {
+                "queue": None,
+                "priority": None,
+                "run_at": None,
+                "job_class": "Ruby::Bare",
+                "args": None,
+            },
         ).scalar_one()
         # Ruby's JSON escapes nothing but quotes, backslashes and control characters.
         escaped = connection.execute(
             RUBY_INSERT,
-            {"queue": "ruby", "priority": 5, "run_at": past(1), "job_class": "RubyJob",
-             "args": '["line\\nbreak \\"quoted\\" back\\\\slash",-0.5,1e+20,-12345678901234]'},
+            {
+                "queue": "ruby",
+                "priority": 5,
+                "run_at": past(1),
+                "job_class": "RubyJob",
+                "args": '["line\\nbreak \\"quoted\\" back\\\\slash",-0.5,1e+20,-12345678901234]',
+            },
         ).scalar_one()
     calls: list[tuple[Any, ...]] = []
     ids: list[int] = []
@@ -589,8 +638,13 @@ def test_jobs_written_by_que_go_are_worked_with_the_exact_arguments(engine: Engi
         # Go's encoding/json escapes <, > and & and writes non-ASCII as UTF-8.
         full = connection.execute(
             GO_INSERT,
-            {"q": "go", "p": 7, "r": past(2), "c": "GoJob",
-             "a": '[{"html":"\\u003cb\\u003e \\u0026 ünï"},[1,2.5,"x"],9007199254740993,false]'},
+            {
+                "q": "go",
+                "p": 7,
+                "r": past(2),
+                "c": "GoJob",
+                "a": '[{"html":"\\u003cb\\u003e \\u0026 ünï"},[1,2.5,"x"],9007199254740993,false]',
+            },
         ).scalar_one()
     calls: list[tuple[str, int, tuple[Any, ...]]] = []
 
@@ -601,7 +655,8 @@ def test_jobs_written_by_que_go_are_worked_with_the_exact_arguments(engine: Engi
     assert Worker(engine, handlers).work_one() is True
     assert Worker(engine, handlers, queue="go").work_one() is True
     assert [(name, job_id) for name, job_id, _ in calls] == [
-        ("GoDefaults", defaults), ("GoJob", full),
+        ("GoDefaults", defaults),
+        ("GoJob", full),
     ]
     assert _received([args for _, _, args in calls]) == _received(
         [(), ({"html": "<b> & ünï"}, [1, 2.5, "x"], 9007199254740993, False)]
@@ -625,7 +680,8 @@ def test_a_database_outage_makes_the_worker_back_off_and_never_die(
 
     def database_errors() -> list[logging.LogRecord]:
         return [
-            record for record in list(caplog.records)
+            record
+            for record in list(caplog.records)
             if record.name == "sqlalchemy_que.worker" and "database error" in record.getMessage()
         ]
 
@@ -675,12 +731,15 @@ def test_the_worker_resumes_when_the_database_comes_back_and_backs_off_afresh(
 
     def backoffs() -> list[float]:
         return [
-            float(getattr(record, "backoff", -1)) for record in list(caplog.records)
+            float(getattr(record, "backoff", -1))
+            for record in list(caplog.records)
             if "database error" in record.getMessage()
         ]
 
     worker = Worker(
-        worker_engine, {"Job": lambda job: worked.append(job.job_id)}, wake_interval=0.05,
+        worker_engine,
+        {"Job": lambda job: worked.append(job.job_id)},
+        wake_interval=0.05,
         name="que-outage-recovery",
     )
     thread = run_in_thread(worker)
@@ -773,4 +832,3 @@ def test_stopping_a_pool_of_sleeping_workers_returns_promptly(
         pool.shutdown(timeout=5)
         pool_engine.dispose()
     assert held_job_locks(engine) == []
-

@@ -471,7 +471,7 @@ def test_registry_wraps_plain_handlers_and_renames_definitions() -> None:
 # What type checkers see ------------------------------------------------------------------------
 
 
-TYPED_MODULE = '''
+TYPED_MODULE = """
 from sqlalchemy_que import JobContext, job
 
 
@@ -479,7 +479,7 @@ from sqlalchemy_que import JobContext, job
 def send_email(job: JobContext, user_id: int, template: str = "welcome") -> None:
     pass
 
-'''
+"""
 
 
 @pytest.mark.slow

@@ -145,7 +145,11 @@ def captured_statements(engine: Engine) -> list[str]:
 
     @event.listens_for(engine, "before_cursor_execute")
     def record(
-        conn: Connection, cursor: Any, statement: str, parameters: Any, context: Any,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
         executemany: bool,
     ) -> None:
         statements.append(statement)
@@ -206,9 +210,7 @@ def test_one_head_labelled_que() -> None:
     assert len(script.get_bases()) == 1
     assert all("que" in rev.branch_labels for rev in revisions)
     # The folder an application adds to its version_locations is where the revisions are.
-    assert {Path(rev.path).parent for rev in revisions} == {
-        Path(sqlalchemy_que.version_location())
-    }
+    assert {Path(rev.path).parent for rev in revisions} == {Path(sqlalchemy_que.version_location())}
 
 
 def test_revisions_do_not_import_the_live_model() -> None:
@@ -245,13 +247,17 @@ def test_upgrade_and_downgrade_step_by_step(empty_engine: Engine) -> None:
     with empty_engine.connect() as connection:
         assert not table_exists(connection, "que_jobs")
         assert not sequence_exists(connection)
-        leftovers = connection.execute(
-            text(
-                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
-                "AND relkind <> 'i' AND relname <> :version_table"
-            ),
-            {"version_table": VERSION_TABLE},
-        ).scalars().all()
+        leftovers = (
+            connection.execute(
+                text(
+                    "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                    "AND relkind <> 'i' AND relname <> :version_table"
+                ),
+                {"version_table": VERSION_TABLE},
+            )
+            .scalars()
+            .all()
+        )
     assert leftovers == []
 
     # And back up again from nothing.
@@ -388,11 +394,16 @@ def test_adopts_a_ruby_version_3_table_without_touching_a_row(empty_engine: Engi
         after = connection.execute(SNAPSHOT).all()
         assert after == before
         assert [row.args_text for row in after] == [
-            '[1, "two" , {"b": 2, "a": 1}]', '[ "héllo ☃" ]', "[]",
+            '[1, "two" , {"b": 2, "a": 1}]',
+            '[ "héllo ☃" ]',
+            "[]",
         ]
-        assert connection.execute(
-            text("SELECT xmin::text, ctid::text FROM que_jobs ORDER BY job_id")
-        ).all() == physical  # not even rewritten
+        assert (
+            connection.execute(
+                text("SELECT xmin::text, ctid::text FROM que_jobs ORDER BY job_id")
+            ).all()
+            == physical
+        )  # not even rewritten
         assert read_shape(connection) == EXPECTED_V3
         assert recorded_revisions(connection) == [head_revision()]
         sqlalchemy_que.check_schema(connection)
@@ -478,15 +489,24 @@ def schema_dump(url: str) -> str:
     libpq_url = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     result = subprocess.run(
         [
-            str(find_postgres_bindir() / "pg_dump"), "--schema-only",
-            "-t", "que_jobs", "-t", "que_jobs_job_id_seq", f"--dbname={libpq_url}",
+            str(find_postgres_bindir() / "pg_dump"),
+            "--schema-only",
+            "-t",
+            "que_jobs",
+            "-t",
+            "que_jobs_job_id_seq",
+            f"--dbname={libpq_url}",
         ],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     # pg_dump 15.14+ brackets the script with \restrict <random key>: differs on every run.
     return "\n".join(
-        line for line in result.stdout.splitlines()
+        line
+        for line in result.stdout.splitlines()
         if not line.startswith(("\\restrict ", "\\unrestrict "))
     )
 
@@ -515,7 +535,7 @@ def test_pg_dump_matches_ruby_ques_own_migrations(new_database: Callable[[], str
 # ---------------------------------------------------------------------------------------------
 # Inside an application's own Alembic environment
 
-APP_ENV = '''
+APP_ENV = """
 from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.pool import NullPool
@@ -528,7 +548,7 @@ try:
             context.run_migrations()
 finally:
     engine.dispose()
-'''
+"""
 
 APP_MAKO = '''"""${message}"""
 revision = ${repr(up_revision)}
@@ -667,7 +687,10 @@ def test_the_wheel_ships_the_migrations_and_migrates(
         [sys.executable, "-c", MIGRATE_FROM_WHEEL, empty_database_url],
         cwd=elsewhere,
         env={**os.environ, "PYTHONPATH": str(extracted)},
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     module_file, migrations = result.stdout.splitlines()[:2]

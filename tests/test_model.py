@@ -162,10 +162,22 @@ def test_select_star_returns_the_columns_in_contract_order(migrated: Engine) -> 
         names = list(result.keys())
         (row,) = result.all()
     assert names == [
-        "priority", "run_at", "job_id", "job_class", "args", "error_count", "last_error", "queue",
+        "priority",
+        "run_at",
+        "job_id",
+        "job_class",
+        "args",
+        "error_count",
+        "last_error",
+        "queue",
     ]
     assert (row.priority, row.job_id, row.args, row.error_count, row.last_error, row.queue) == (
-        100, 1, [], 0, None, "",
+        100,
+        1,
+        [],
+        0,
+        None,
+        "",
     )
 
 
@@ -212,9 +224,13 @@ def test_job_id_sequence_is_named_and_owned_by_the_column(migrated: Engine) -> N
                 "WHERE sequencename = 'que_jobs_job_id_seq'"
             )
         ).one()
-        all_sequences = connection.execute(
-            text("SELECT relname FROM pg_class WHERE relkind = 'S' ORDER BY relname")
-        ).scalars().all()
+        all_sequences = (
+            connection.execute(
+                text("SELECT relname FROM pg_class WHERE relkind = 'S' ORDER BY relname")
+            )
+            .scalars()
+            .all()
+        )
     assert tuple(owner) == ("que_jobs", "job_id", "a")  # OWNED BY que_jobs.job_id, as serial
     assert tuple(sequence) == ("bigint", 1, 1, False)
     assert all_sequences == ["que_jobs_job_id_seq"]
@@ -248,7 +264,10 @@ def test_model_declares_the_contract_table() -> None:
     assert [column.name for column in table.columns] == [name for _, name, *_ in EXPECTED_COLUMNS]
     assert table.primary_key.name == "que_jobs_pkey"
     assert [column.name for column in table.primary_key.columns] == [
-        "queue", "priority", "run_at", "job_id",
+        "queue",
+        "priority",
+        "run_at",
+        "job_id",
     ]
     assert table.comment == "3"
     assert not table.indexes
@@ -260,9 +279,7 @@ def _skip_our_version_table(name: str | None, type_: str, parent_names: Any) -> 
     return not (type_ == "table" and name == VERSION_TABLE)
 
 
-def autogenerate_diffs(
-    connection: Connection, target: MetaData | Sequence[MetaData]
-) -> list[Any]:
+def autogenerate_diffs(connection: Connection, target: MetaData | Sequence[MetaData]) -> list[Any]:
     """What ``alembic revision --autogenerate`` would propose, types and server defaults
     compared too, leaving out the standalone version table."""
     context = MigrationContext.configure(

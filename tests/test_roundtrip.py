@@ -41,8 +41,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 argument_lists = st.lists(json_values, max_size=5)
@@ -118,9 +119,11 @@ def test_bulk_insert_stores_any_json_arguments_exactly(
 ) -> None:
     with rolled_back(connection):
         assert insert_jobs(connection, [enqueue("RoundTrip", *args) for args in jobs]) == len(jobs)
-        stored = connection.execute(
-            text("SELECT args::text FROM que_jobs ORDER BY job_id")
-        ).scalars().all()
+        stored = (
+            connection.execute(text("SELECT args::text FROM que_jobs ORDER BY job_id"))
+            .scalars()
+            .all()
+        )
         assert len(stored) == len(jobs)
         for text_, args in zip(stored, jobs, strict=True):
             assert_round_trip(text_, args)
