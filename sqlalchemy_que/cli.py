@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
+import psycopg
 from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
@@ -118,7 +119,15 @@ def _explained() -> Iterator[None]:
         raise click.ClickException(str(error)) from None
     except DBAPIError as error:
         detail = str(error.orig or error).strip().splitlines()[0]
+        if isinstance(error.orig, psycopg.errors.UndefinedTable):
+            detail += "; run `sqlalchemy-que migrate` to create que_jobs"
         raise click.ClickException(f"database error: {detail}") from None
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def _database_option(function: F) -> F:
@@ -147,7 +156,7 @@ class _JSONFormatter(logging.Formatter):
         )
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json.dumps(entry, default=_json_default)
 
 
 def _configure_logging(level: str, log_format: str) -> None:
@@ -159,6 +168,8 @@ def _configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Alembic's INFO lines ("Context impl PostgresqlImpl") say nothing useful to operators.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
 @click.group()
@@ -212,7 +223,7 @@ def _print_stats(engine: Engine, as_json: bool) -> None:
                         {name: getattr(row, name) for name in row.__slots__} for row in states
                     ],
                 },
-                default=str,
+                default=_json_default,
                 indent=2,
             )
         )
