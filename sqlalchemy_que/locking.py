@@ -26,12 +26,25 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+from typing import Any
 
-from sqlalchemy import Connection, text
+import psycopg
+from sqlalchemy import Connection, TextClause, text
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from .errors import QueError
 
-__all__ = ["LOCK_ATTEMPTS", "LockedJob", "lock_job", "recheck_job", "unlock_job"]
+__all__ = [
+    "LOCK_ATTEMPTS",
+    "LockedJob",
+    "driver_connection",
+    "driver_sql",
+    "lock_job",
+    "lock_on_driver",
+    "recheck_job",
+    "unlock_job",
+]
 
 logger = logging.getLogger("sqlalchemy_que.locking")
 
@@ -85,6 +98,39 @@ RECHECK_JOB = text(
 
 UNLOCK_JOB = text("SELECT pg_advisory_unlock(:job_id)")
 
+_DIALECT = psycopg_dialect()  # type: ignore[no-untyped-call]
+
+
+def driver_sql(statement: TextClause) -> str:
+    """A named statement as psycopg takes it (``%(name)s`` parameters), for the hot path
+    that runs on the driver's connection directly."""
+    return str(statement.compile(dialect=_DIALECT))
+
+
+_LOCK_NEXT_JOB_SQL = driver_sql(LOCK_NEXT_JOB)
+_RECHECK_JOB_SQL = driver_sql(RECHECK_JOB)
+_UNLOCK_JOB_SQL = driver_sql(UNLOCK_JOB)
+_NOT_YET = object()
+_BEGIN = "BEGIN"
+_COMMIT = "COMMIT"
+
+
+def as_dbapi_error(error: psycopg.Error) -> StatementError:
+    """A driver error raised on the hot path, wrapped as SQLAlchemy wraps driver errors
+    (``sqlalchemy.exc.OperationalError``, ``DataError``...), so callers catch one family."""
+    return DBAPIError.instance(None, None, error, psycopg.Error)
+
+
+def driver_connection(connection: Connection) -> psycopg.Connection[Any]:
+    """The psycopg connection under a SQLAlchemy Connection."""
+    raw = connection.connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise QueError(
+            f"sqlalchemy-que needs the psycopg (3) driver; this connection uses {raw!r} "
+            "(use a postgresql+psycopg:// URL)"
+        )
+    return raw
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class LockedJob:
@@ -129,37 +175,82 @@ def lock_job(
     """Lock the most urgent ready job of ``queue`` on ``connection``, or return None.
 
     The lock is session-level: it outlives the transactions that follow and must be released
-    with :func:`unlock_job` on the same connection (or by closing the session). The
-    connection is left with its transaction committed, and the returned job re-checked.
+    with :func:`unlock_job` on the same connection (or by closing the session). The lock
+    query and the re-check run as statements of their own (autocommit), one round trip each;
+    if the caller has a transaction open, the first lock query runs in it and it is
+    committed. The connection is left with no transaction open.
+
+    Should anything fail after a lock may have been taken, the connection is invalidated, so
+    that the server ends the session and its locks rather than the pool keeping them.
 
     :param attempts: how many locked-but-vanished jobs to skip before giving up with None,
         as que-go does ("try again later").
     """
-    for _ in range(attempts):
-        try:
+    try:
+        row: Any = _NOT_YET
+        if connection.in_transaction():
             row = connection.execute(LOCK_NEXT_JOB, {"queue": queue}).first()
-            if row is None:
-                connection.commit()
-                return None
-            job = LockedJob(*row)
             connection.commit()
-            if recheck_job(connection, job):
-                connection.commit()
-                return job
-            logger.debug(
-                "job %s vanished between the lock query and the re-check; looking again",
-                job.job_id,
-                extra={"job_id": job.job_id, "queue": queue},
-            )
-            released = unlock_job(connection, job.job_id)
-            connection.commit()
-        except BaseException:
-            # A lock may have been taken (even by a statement whose result could not be
-            # read) and cannot be released on a connection in an unknown state: discard the
-            # connection, so that the server ends the session and its locks.
-            connection.invalidate()
-            raise
-        if not released:
-            connection.invalidate()
+        raw = driver_connection(connection)
+        autocommit = raw.autocommit
+        raw.autocommit = True
+        try:
+            return lock_on_driver(raw, queue, attempts=attempts, first_row=row)
+        except psycopg.Error as error:
+            raise as_dbapi_error(error) from error
+        finally:
+            if not (raw.closed or raw.broken):
+                raw.autocommit = autocommit
+    except BaseException:
+        # A lock may have been taken (even by a statement whose result could not be read)
+        # and cannot be released on a connection in an unknown state: discard the
+        # connection, so that the server ends the session and its locks.
+        connection.invalidate()
+        raise
+
+
+def lock_on_driver(
+    raw: psycopg.Connection[Any],
+    queue: str,
+    *,
+    attempts: int = LOCK_ATTEMPTS,
+    begin: bool = False,
+    first_row: Any = _NOT_YET,
+) -> LockedJob | None:
+    """:func:`lock_job` on a psycopg connection in autocommit mode: the worker's hot path.
+
+    :param begin: open the job's transaction (``BEGIN``) in the same round trip as the
+        re-check, so that a returned job's connection is inside a transaction.
+    :param first_row: the result of a lock query already run, if any.
+
+    The caller discards the connection if this raises.
+    """
+    row = first_row
+    for _ in range(attempts):
+        if row is _NOT_YET:
+            row = raw.execute(_LOCK_NEXT_JOB_SQL, {"queue": queue}, prepare=True).fetchone()
+        if row is None:
+            return None
+        job = LockedJob(*row)
+        row = _NOT_YET
+        with raw.pipeline():
+            found = raw.execute(_RECHECK_JOB_SQL, job.key, prepare=True)
+            if begin:
+                raw.execute(_BEGIN)
+        if found.fetchone() is not None:
+            return job
+        logger.debug(
+            "job %s vanished between the lock query and the re-check; looking again",
+            job.job_id,
+            extra={"job_id": job.job_id, "queue": queue},
+        )
+        with raw.pipeline():
+            if begin:
+                # End the empty transaction with COMMIT, not ROLLBACK: psycopg answers a
+                # ROLLBACK by forgetting its prepared statements (DEALLOCATE ALL), which
+                # inside a pipeline can race with a statement prepared in the same one.
+                raw.execute(_COMMIT)
+            unlocked = raw.execute(_UNLOCK_JOB_SQL, {"job_id": job.job_id}, prepare=True)
+        if not (unlocked.fetchone() or (False,))[0]:
             raise QueError(f"the advisory lock of job {job.job_id} was not held by this session")
     return None

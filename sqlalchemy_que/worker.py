@@ -29,6 +29,7 @@ layout. A failing job is never deleted by the error path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
@@ -47,7 +49,15 @@ from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
 from .errors import QueError, UnknownJobClassError, WorkerError
 from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay
 from .listener import Listener
-from .locking import LockedJob, lock_job, unlock_job
+from .locking import (
+    UNLOCK_JOB,
+    LockedJob,
+    as_dbapi_error,
+    driver_connection,
+    driver_sql,
+    lock_on_driver,
+    unlock_job,
+)
 from .schema import check_schema
 
 __all__ = ["ErrorReporter", "Worker", "WorkerPool", "format_last_error"]
@@ -70,6 +80,10 @@ DELETE_JOB = text(
     "DELETE FROM que_jobs "
     "WHERE queue = :queue AND priority = :priority AND run_at = :run_at AND job_id = :job_id"
 )
+DELETE_JOB_SQL = driver_sql(DELETE_JOB)
+_COMMIT = "COMMIT"
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+UNLOCK_JOB_SQL = driver_sql(UNLOCK_JOB)
 
 RECORD_ERROR = text(
     "UPDATE que_jobs "
@@ -215,76 +229,110 @@ class Worker:
     def run(self, *, burst: bool = False) -> int:
         """Work jobs until :meth:`stop` is called (or, with ``burst``, until none is ready).
 
-        Jobs are worked back to back while any are ready; with none ready the worker sleeps
-        for ``wake_interval``. Database errors make it back off (0.1 s doubling up to 30 s)
-        and retry; no error from a job or the database stops it. ``KeyboardInterrupt`` and
-        ``SystemExit`` raised by a handler release the job untouched and stop the worker.
+        Jobs are worked back to back while any are ready, on one connection kept between
+        them (it is returned to the pool, clean, when the worker goes to sleep); with none
+        ready the worker sleeps for ``wake_interval``. Database errors make it back off
+        (0.1 s doubling up to 30 s) and retry; no error from a job or the database stops it.
+        ``KeyboardInterrupt`` and ``SystemExit`` raised by a handler release the job
+        untouched and stop the worker.
 
         :returns: the number of jobs worked (completed or failed).
         """
         worked = 0
         backoff = 0.0
-        while not self._stopping.is_set():
-            try:
-                did_work = self.work_one()
-            except (DBAPIError, DisconnectionError, OSError) as error:
-                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
-                logger.warning(
-                    "%s: database error, retrying in %.1fs: %s",
-                    self.name,
-                    backoff,
-                    error,
-                    extra={"queue": self.queue, "backoff": backoff},
-                )
-                self._sleep(backoff)
-                continue
-            except Exception:
-                backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
-                logger.exception(
-                    "%s: unexpected error, retrying in %.1fs",
-                    self.name,
-                    backoff,
-                    extra={"queue": self.queue, "backoff": backoff},
-                )
-                self._sleep(backoff)
-                continue
-            backoff = 0.0
-            if did_work:
-                worked += 1
-            elif burst:
-                break
-            else:
+        connection: Connection | None = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if connection is None or connection.invalidated:
+                        connection = self._discard(connection)
+                        connection = _checkout(self.engine)
+                    did_work = self._work_one_on(connection)
+                except (DBAPIError, DisconnectionError, psycopg.Error, OSError) as error:
+                    connection = self._discard(connection)
+                    backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
+                    logger.warning(
+                        "%s: database error, retrying in %.1fs: %s",
+                        self.name,
+                        backoff,
+                        error,
+                        extra={"queue": self.queue, "backoff": backoff},
+                    )
+                    self._sleep(backoff)
+                    continue
+                except Exception:
+                    connection = self._discard(connection)
+                    backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
+                    logger.exception(
+                        "%s: unexpected error, retrying in %.1fs",
+                        self.name,
+                        backoff,
+                        extra={"queue": self.queue, "backoff": backoff},
+                    )
+                    self._sleep(backoff)
+                    continue
+                backoff = 0.0
+                if did_work:
+                    worked += 1
+                    continue
+                _checkin(connection)  # idle: give the connection back while asleep
+                connection = None
+                if burst:
+                    break
                 self._sleep(self.wake_interval)
+        finally:
+            if connection is not None:
+                _checkin(connection)
         return worked
 
+    @staticmethod
+    def _discard(connection: Connection | None) -> None:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                _checkin(connection)
+        return None
+
     def work_one(self) -> bool:
-        """Lock and work the most urgent ready job of the queue, if there is one.
+        """Lock and work the most urgent ready job of the queue, if there is one, on a
+        connection checked out for it.
 
         :returns: True when a job was worked (completed or failed), False when none was ready.
         """
-        connection = self.engine.connect()
-        job: LockedJob | None = None
-        holder: object = None
+        connection = _checkout(self.engine)
         try:
-            job = lock_job(connection, self.queue)
-            if job is None:
-                return False
-            # The DBAPI connection is the session that holds the lock. If SQLAlchemy ever
-            # replaces it (after a disconnect), the lock is gone and nothing more may be
-            # written about the job from here: another worker may hold it by now.
-            holder = connection.connection.dbapi_connection
-            self._current = job
+            return self._work_one_on(connection)
+        finally:
+            _checkin(connection)
+
+    def _work_one_on(self, connection: Connection) -> bool:
+        """Work one job on ``connection``, checked out by :func:`_checkout` (autocommit)."""
+        try:
+            job = lock_on_driver(driver_connection(connection), self.queue, begin=True)
+        except psycopg.Error as error:
+            connection.invalidate()  # it may hold a lock we cannot account for
+            raise as_dbapi_error(error) from error
+        except BaseException:
+            connection.invalidate()
+            raise
+        if job is None:
+            return False
+        # The DBAPI connection is the session that holds the lock. If SQLAlchemy ever
+        # replaces it (after a disconnect), the lock is gone and nothing more may be
+        # written about the job from here: another worker may hold it by now.
+        holder = connection.connection.dbapi_connection
+        self._current = job
+        released = False
+        try:
             if self._on_locked is not None:
                 self._on_locked()  # there may be more: let an idle colleague look
-            self._work(connection, job, holder)
-            return True
+            released = self._work(connection, job, holder)
         finally:
             try:
-                if job is not None:
+                if not released:
                     self._release(connection, job, holder)
             finally:
                 self._current = None
-                connection.close()
+        return True
 
     @staticmethod
     def _holds_lock(connection: Connection, holder: object) -> bool:
@@ -298,14 +346,17 @@ class Worker:
 
     # -- one job -------------------------------------------------------------------------
 
-    def _work(self, connection: Connection, job: LockedJob, holder: object) -> None:
+    def _work(self, connection: Connection, job: LockedJob, holder: object) -> bool:
+        """Run the job's handler and complete or fail the job; True when the job's lock was
+        released on the way (by the completing round trip)."""
         definition = self.registry.get(job.job_class)
         started = time.perf_counter()
         context: JobContext | None = None
         try:
-            # Begin the job's transaction first, so that the handler's Session joins it
+            # The server is inside the job's transaction (BEGIN went with the re-check).
+            # Tell SQLAlchemy too, so that the handler's Session joins that transaction
             # rather than owning (and committing) one of its own.
-            connection.begin()
+            transaction = connection.begin()
             args = json.loads(job.args)
             if not isinstance(args, list):
                 raise QueError(f"args of job {job.job_id} is {job.args!r}, not a JSON array")
@@ -331,13 +382,13 @@ class Worker:
                 raise _LostLockError(
                     f"the connection that held job {job.job_id}'s lock was lost during the job"
                 )
-            connection.execute(DELETE_JOB, job.key)
-            connection.commit()
+            released = _complete(connection, job)
+            transaction.commit()  # the server has committed already: bookkeeping only
         except Exception as error:
             if context is not None:
                 context._finish_session(keep=False)
             self._fail(connection, job, holder, definition, error, context, started)
-            return
+            return False
         except BaseException:
             # KeyboardInterrupt, SystemExit...: leave the row as it was; the caller unlocks.
             if context is not None:
@@ -350,14 +401,18 @@ class Worker:
                 extra=self._extra(job, started),
             )
             raise
-        logger.info(
-            "%s: job %s %s done in %.1f ms",
-            self.name,
-            job.job_id,
-            job.job_class,
-            (time.perf_counter() - started) * 1000,
-            extra={**self._extra(job, started), "outcome": "done"},
-        )
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "%s: job %s %s done in %.1f ms",
+                self.name,
+                job.job_id,
+                job.job_class,
+                (time.perf_counter() - started) * 1000,
+                extra={**self._extra(job, started), "outcome": "done"},
+            )
+        if not released:
+            connection.invalidate()  # the unlock was not confirmed
+        return True
 
     def _extra(self, job: LockedJob, started: float) -> dict[str, Any]:
         return {
@@ -466,6 +521,9 @@ class Worker:
         try:
             if connection.in_transaction():
                 connection.rollback()
+            raw = driver_connection(connection)
+            if raw.info.transaction_status != _IDLE:
+                raw.rollback()  # the job's transaction, opened by an explicit BEGIN
             released = unlock_job(connection, job.job_id)
             connection.commit()
         except Exception:
@@ -481,6 +539,58 @@ class Worker:
         finally:
             if not released and not connection.invalidated:
                 connection.invalidate()
+
+
+def _complete(connection: Connection, job: LockedJob) -> bool:
+    """Delete the job, commit, and unlock it, in one round trip; True if the unlock is
+    confirmed.
+
+    The statements are pipelined: the server runs them in order, so the unlock can never
+    happen before the ``COMMIT`` has succeeded, and if the ``DELETE`` or the ``COMMIT``
+    fails, what follows is skipped and the error is raised.
+    """
+    raw = driver_connection(connection)
+    try:
+        with raw.pipeline():
+            raw.execute(DELETE_JOB_SQL, job.key, prepare=True)
+            raw.execute(_COMMIT)
+            unlocked = raw.execute(UNLOCK_JOB_SQL, {"job_id": job.job_id}, prepare=True)
+        row = unlocked.fetchone()
+    except psycopg.Error:
+        if raw.closed or raw.broken:
+            connection.invalidate()  # so that SQLAlchemy never hands it out again
+        raise
+    return bool(row and row[0])
+
+
+def _checkout(engine: Engine) -> Connection:
+    """A connection for a worker: the driver in autocommit mode, the job's transaction
+    being opened and committed by explicit statements that share round trips with others."""
+    connection = engine.connect()
+    try:
+        driver_connection(connection).autocommit = True
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _checkin(connection: Connection) -> None:
+    """Give a worker's connection back to the pool as the pool expects it (not autocommit,
+    no transaction), or discard it when that cannot be confirmed."""
+    try:
+        if not connection.invalidated and not connection.closed:
+            raw = driver_connection(connection)
+            if raw.closed or raw.broken or raw.info.transaction_status != _IDLE:
+                connection.invalidate()
+            else:
+                raw.autocommit = False
+    except Exception:
+        logger.debug("discarding a worker connection", exc_info=True)
+        with contextlib.suppress(Exception):
+            connection.invalidate()
+    finally:
+        connection.close()
 
 
 def _pool_capacity(engine: Engine) -> float:
@@ -580,7 +690,7 @@ class WorkerPool:
         if self._threads:
             raise WorkerError("this WorkerPool was already started")
         self._preflight()
-        if self.listener is not None:
+        if self.listener is not None and not burst:  # a burst ends when nothing is ready
             self.listener.start()
         for worker in self.workers:
             thread = threading.Thread(
@@ -615,7 +725,11 @@ class WorkerPool:
         for thread in self._threads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)
-        return not self.is_alive()
+        if self.is_alive():
+            return False
+        if self.listener is not None:
+            self.listener.stop()  # nobody left to wake
+        return True
 
     def shutdown(self, timeout: float | None = None) -> list[LockedJob]:
         """Stop taking jobs at once, let jobs in progress finish, and return within ``timeout``.

@@ -9,6 +9,7 @@ cluster from the local server binaries. Tests that use the database are marked `
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +82,21 @@ def wait_for(
 def advisory_lock_count(engine: Engine) -> int:
     with engine.connect() as connection:
         return int(connection.execute(_ADVISORY_LOCKS).scalar_one())
+
+
+def _library_threads() -> list[str]:
+    return [
+        thread.name
+        for thread in threading.enumerate()
+        if thread.name.startswith(("que-worker-", "que-listener-"))
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_threads_left() -> Iterator[None]:
+    """Every test stops the workers and listeners it starts."""
+    yield
+    wait_for(lambda: not _library_threads(), message="worker and listener threads to end")
 
 
 @pytest.fixture
