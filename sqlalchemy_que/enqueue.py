@@ -30,13 +30,13 @@ import datetime
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Union, cast
 
-from sqlalchemy import Connection, Table, insert
+from sqlalchemy import Connection, Table, func, insert, select
 from sqlalchemy.orm import Session, scoped_session
 
 from ._json import _PreDumped, dump_args
 from .errors import InvalidJobError
 from .model import QueJob
-from .notify import notify_job
+from .notify import notify_job, pending_wakeup
 
 if TYPE_CHECKING:
     from .jobs import JobDefinition
@@ -182,9 +182,15 @@ def insert_job(
     """
     values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
     table = cast(Table, QueJob.__table__)  # declared as FromClause; it is the mapped Table
-    job_id: int = bind.execute(insert(table).values(values).returning(table.c.job_id)).scalar_one()
-    notify_job(_connection_of(bind), values.get("queue", ""), values.get("run_at"))
-    return job_id
+    statement = insert(table).values(values).returning(table.c.job_id)
+    wakeup = pending_wakeup(_connection_of(bind), values.get("queue", ""), values.get("run_at"))
+    if wakeup is None:
+        job_id: int = bind.execute(statement).scalar_one()
+        return job_id
+    # The wake-up rides in the same statement (and round trip) as the insert.
+    new_job = statement.cte("new_job")
+    row = bind.execute(select(new_job.c.job_id, func.pg_notify(*wakeup)).select_from(new_job))
+    return int(row.one()[0])
 
 
 def _connection_of(bind: Bind) -> Connection:

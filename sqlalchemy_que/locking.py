@@ -111,8 +111,8 @@ _LOCK_NEXT_JOB_SQL = driver_sql(LOCK_NEXT_JOB)
 _RECHECK_JOB_SQL = driver_sql(RECHECK_JOB)
 _UNLOCK_JOB_SQL = driver_sql(UNLOCK_JOB)
 _NOT_YET = object()
-_BEGIN = "BEGIN"
-_COMMIT = "COMMIT"
+_RECHECK_THEN_BEGIN_SQL = f"{_RECHECK_JOB_SQL}; BEGIN"
+_COMMIT_THEN_UNLOCK_SQL = f"COMMIT; {_UNLOCK_JOB_SQL}"
 
 
 def as_dbapi_error(error: psycopg.Error) -> StatementError:
@@ -221,6 +221,9 @@ def lock_on_driver(
 
     :param begin: open the job's transaction (``BEGIN``) in the same round trip as the
         re-check, so that a returned job's connection is inside a transaction.
+
+    Round trips, which dominate the cost of a job: one for the lock query (a prepared
+    statement), one for the re-check (with ``BEGIN`` when asked).
     :param first_row: the result of a lock query already run, if any.
 
     The caller discards the connection if this raises.
@@ -233,24 +236,29 @@ def lock_on_driver(
             return None
         job = LockedJob(*row)
         row = _NOT_YET
-        with raw.pipeline():
-            found = raw.execute(_RECHECK_JOB_SQL, job.key, prepare=True)
-            if begin:
-                raw.execute(_BEGIN)
-        if found.fetchone() is not None:
+        if begin:
+            # One round trip: the re-check, then BEGIN for the job's transaction, sent as
+            # one multi-statement query (parameters bound client-side, safely quoted).
+            cursor = psycopg.ClientCursor(raw)
+            cursor.execute(_RECHECK_THEN_BEGIN_SQL, job.key)
+            found = cursor.fetchone() is not None
+        else:
+            found = raw.execute(_RECHECK_JOB_SQL, job.key, prepare=True).fetchone() is not None
+        if found:
             return job
         logger.debug(
             "job %s vanished between the lock query and the re-check; looking again",
             job.job_id,
             extra={"job_id": job.job_id, "queue": queue},
         )
-        with raw.pipeline():
-            if begin:
-                # End the empty transaction with COMMIT, not ROLLBACK: psycopg answers a
-                # ROLLBACK by forgetting its prepared statements (DEALLOCATE ALL), which
-                # inside a pipeline can race with a statement prepared in the same one.
-                raw.execute(_COMMIT)
-            unlocked = raw.execute(_UNLOCK_JOB_SQL, {"job_id": job.job_id}, prepare=True)
-        if not (unlocked.fetchone() or (False,))[0]:
+        if begin:
+            # End the (empty) transaction with COMMIT rather than ROLLBACK: psycopg answers
+            # a ROLLBACK by dropping all its prepared statements.
+            cursor.execute(_COMMIT_THEN_UNLOCK_SQL, {"job_id": job.job_id})
+            cursor.nextset()
+            unlocked = cursor.fetchone()
+        else:
+            unlocked = raw.execute(_UNLOCK_JOB_SQL, {"job_id": job.job_id}, prepare=True).fetchone()
+        if not (unlocked or (False,))[0]:
             raise QueError(f"the advisory lock of job {job.job_id} was not held by this session")
     return None

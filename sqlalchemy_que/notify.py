@@ -29,7 +29,7 @@ from sqlalchemy import Connection, event, inspect, text
 
 from .model import QueJob
 
-__all__ = ["CHANNEL_PREFIX", "channel_for", "notify_job", "parse_payload"]
+__all__ = ["CHANNEL_PREFIX", "channel_for", "notify_job", "parse_payload", "pending_wakeup"]
 
 CHANNEL_PREFIX = "sqlalchemy_que_"
 
@@ -68,9 +68,12 @@ def _epoch(run_at: datetime.datetime | None) -> float | None:
     return None if run_at is None else run_at.timestamp()
 
 
-def notify_job(connection: Connection, queue: str, run_at: datetime.datetime | None) -> None:
-    """Send the wake-up for a job of ``queue`` due at ``run_at`` (None: now) in the
-    connection's transaction, unless this transaction already announced one as early."""
+def pending_wakeup(
+    connection: Connection, queue: str, run_at: datetime.datetime | None
+) -> tuple[str, str] | None:
+    """The ``(channel, payload)`` to notify for a job of ``queue`` due at ``run_at`` (None:
+    now), or None when this transaction already announced one as early. The caller must
+    send it in this transaction; it is counted as sent."""
     transaction = connection.get_transaction()
     due = _epoch(run_at)
     state = connection.info.get(_STATE_KEY)
@@ -81,9 +84,18 @@ def notify_job(connection: Connection, queue: str, run_at: datetime.datetime | N
     if queue in sent:
         previous = sent[queue]
         if previous is None or (due is not None and due >= previous):
-            return  # an earlier (or as early) wake-up is already on its way
+            return None  # an earlier (or as early) wake-up is already on its way
     sent[queue] = due
-    connection.execute(_NOTIFY, {"channel": channel_for(queue), "payload": _payload(queue, due)})
+    return channel_for(queue), _payload(queue, due)
+
+
+def notify_job(connection: Connection, queue: str, run_at: datetime.datetime | None) -> None:
+    """Send the wake-up for a job of ``queue`` due at ``run_at`` (None: now) in the
+    connection's transaction, unless this transaction already announced one as early."""
+    wakeup = pending_wakeup(connection, queue, run_at)
+    if wakeup is not None:
+        channel, payload = wakeup
+        connection.execute(_NOTIFY, {"channel": channel, "payload": payload})
 
 
 @event.listens_for(QueJob, "after_insert")

@@ -80,10 +80,8 @@ DELETE_JOB = text(
     "DELETE FROM que_jobs "
     "WHERE queue = :queue AND priority = :priority AND run_at = :run_at AND job_id = :job_id"
 )
-DELETE_JOB_SQL = driver_sql(DELETE_JOB)
-_COMMIT = "COMMIT"
+_COMPLETE_SQL = f"{driver_sql(DELETE_JOB)}; COMMIT; {driver_sql(UNLOCK_JOB)}"
 _IDLE = psycopg.pq.TransactionStatus.IDLE
-UNLOCK_JOB_SQL = driver_sql(UNLOCK_JOB)
 
 RECORD_ERROR = text(
     "UPDATE que_jobs "
@@ -545,17 +543,18 @@ def _complete(connection: Connection, job: LockedJob) -> bool:
     """Delete the job, commit, and unlock it, in one round trip; True if the unlock is
     confirmed.
 
-    The statements are pipelined: the server runs them in order, so the unlock can never
-    happen before the ``COMMIT`` has succeeded, and if the ``DELETE`` or the ``COMMIT``
-    fails, what follows is skipped and the error is raised.
+    The three statements go as one multi-statement query (parameters bound client-side,
+    safely quoted): the server runs them in order and stops at the first error, so the
+    unlock never happens before the ``COMMIT`` has succeeded, and a failed ``DELETE`` or
+    ``COMMIT`` raises with the lock still held.
     """
     raw = driver_connection(connection)
     try:
-        with raw.pipeline():
-            raw.execute(DELETE_JOB_SQL, job.key, prepare=True)
-            raw.execute(_COMMIT)
-            unlocked = raw.execute(UNLOCK_JOB_SQL, {"job_id": job.job_id}, prepare=True)
-        row = unlocked.fetchone()
+        cursor = psycopg.ClientCursor(raw)
+        cursor.execute(_COMPLETE_SQL, job.key)
+        cursor.nextset()  # past the DELETE's result
+        cursor.nextset()  # past the COMMIT's
+        row = cursor.fetchone()
     except psycopg.Error:
         if raw.closed or raw.broken:
             connection.invalidate()  # so that SQLAlchemy never hands it out again
