@@ -1,0 +1,34 @@
+"""sqlalchemy-que's benchmark suite: throughput and latency against the machine's own ceiling.
+
+Not part of the test run. From the repository root, with the project's virtualenv::
+
+    .venv/bin/python -m benchmarks.run                 # full run: 10-13 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run --quick         # smoke check: under a minute
+    .venv/bin/python -m benchmarks.run --only ceiling,drain --runs 5
+    .venv/bin/python -m benchmarks.run --database-url postgresql://me@localhost/bench
+
+Without ``--database-url`` a throwaway PostgreSQL is started
+(:func:`sqlalchemy_que.testing.temporary_postgres`). With one, everything happens in a schema
+of its own (``que_bench``, dropped afterwards), so an existing ``que_jobs`` is never touched;
+the database should be otherwise idle, since job locks are database-wide.
+
+Groups (``--only NAME[,NAME]``):
+
+``enqueue``
+    one job per transaction through a Session and through a Core Connection, and the bulk
+    ``COPY`` form; jobs/s.
+``drain``
+    pre-enqueued no-op jobs worked to empty by worker threads (1, 2, 4, 8) and by 2 and 4
+    processes of 4 workers; jobs/s.
+``ceiling``
+    the same per-job SQL cycle and the same single-row insert run by ``pgbench``, the limit
+    of this design on this machine; every figure above is also given as a ratio to it.
+``latency``
+    commit of an enqueue to the start of its handler, with LISTEN/NOTIFY and with polling.
+
+Each figure is the median of ``--runs`` runs (default 3) with min and max, with the CPU
+seconds of the client (this process, or the worker processes) and of PostgreSQL. The table
+is printed; ``results.json`` (every raw run) and ``drain.png`` go to ``--output``
+(default ``benchmarks/results/``, ignored by git). The chart needs matplotlib
+(``pip install -e '.[bench]'``).
+"""

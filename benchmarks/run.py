@@ -1,0 +1,287 @@
+"""The benchmark command: ``python -m benchmarks.run [options]`` from the repository root.
+
+See :mod:`benchmarks` for what is measured. Within a group the figures take turns (run 1 of
+each, then run 2 of each...), so that a drift of the machine spreads over all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from sqlalchemy_que.testing import find_postgres_bindir, temporary_postgres
+
+from . import ceiling, drain, enqueue, latency
+from .database import BenchDatabase
+from .measure import Figure, Run
+from .report import format_machine, format_table, write_chart, write_json
+
+GROUPS = ("enqueue", "drain", "ceiling", "latency")
+
+#: The order groups run in: the ceiling first, beside nothing else running.
+_RUN_ORDER = ("ceiling", "enqueue", "drain", "latency")
+
+DRAIN_THREADS = (1, 2, 4, 8)
+DRAIN_PROCESSES = (2, 4)
+PROCESS_WORKERS = 4
+LATENCY_SPACING = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    enqueue: int = 5_000
+    bulk: int = 100_000
+    drain: int = 20_000
+    insert_ceiling: int = 20_000
+    latency: int = 500
+
+
+QUICK = Sizes(enqueue=500, bulk=10_000, drain=2_000, insert_ceiling=2_000, latency=50)
+
+Measure = Callable[[], Run]
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _take_turns(plan: Sequence[tuple[Figure, Measure]], runs: int) -> list[Figure]:
+    for index in range(runs):
+        for figure, measure in plan:
+            run = measure()
+            figure.runs.append(run)
+            _progress(
+                f"  {figure.key} run {index + 1}/{runs}: {run.value:,.2f} {figure.unit} "
+                f"({run.wall:.1f} s)"
+            )
+    return [figure for figure, _ in plan]
+
+
+def _enqueue(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
+    insert = "ceiling.insert"
+    plan: list[tuple[Figure, Measure]] = [
+        (
+            Figure("enqueue", "enqueue.session", "Session, 1 job/commit", "jobs/s", insert),
+            lambda: enqueue.run_session(database, jobs=sizes.enqueue),
+        ),
+        (
+            Figure("enqueue", "enqueue.core", "Core Connection, 1 job/commit", "jobs/s", insert),
+            lambda: enqueue.run_core(database, jobs=sizes.enqueue),
+        ),
+        (
+            Figure("enqueue", "enqueue.bulk", f"bulk insert_jobs, {sizes.bulk:,} jobs", "jobs/s"),
+            lambda: enqueue.run_bulk(database, jobs=sizes.bulk),
+        ),
+    ]
+    return _take_turns(plan, runs)
+
+
+def _drain(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
+    plan: list[tuple[Figure, Measure]] = []
+    for workers in DRAIN_THREADS:
+        plan.append(
+            (
+                Figure(
+                    "drain",
+                    f"drain.threads.{workers}",
+                    f"{workers} thread{'s' if workers > 1 else ''}, 1 process",
+                    "jobs/s",
+                    f"ceiling.cycle.{workers}",
+                ),
+                functools.partial(drain.run_threads, database, workers=workers, jobs=sizes.drain),
+            )
+        )
+    for processes in DRAIN_PROCESSES:
+        plan.append(
+            (
+                Figure(
+                    "drain",
+                    f"drain.processes.{processes}x{PROCESS_WORKERS}",
+                    f"{processes} processes x {PROCESS_WORKERS} threads",
+                    "jobs/s",
+                    f"ceiling.cycle.{max(DRAIN_THREADS)}",
+                ),
+                functools.partial(
+                    drain.run_processes,
+                    database,
+                    processes=processes,
+                    workers=PROCESS_WORKERS,
+                    jobs=sizes.drain,
+                ),
+            )
+        )
+    return _take_turns(plan, runs)
+
+
+def _ceiling(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
+    plan: list[tuple[Figure, Measure]] = [
+        (
+            Figure(
+                "ceiling",
+                f"ceiling.cycle.{clients}",
+                f"pgbench job cycle, {clients} client{'s' if clients > 1 else ''}",
+                "jobs/s",
+            ),
+            functools.partial(ceiling.run_cycle, database, clients=clients, jobs=sizes.drain),
+        )
+        for clients in DRAIN_THREADS
+    ]
+    plan.append(
+        (
+            Figure("ceiling", "ceiling.insert", "pgbench single-row insert, 1 client", "jobs/s"),
+            lambda: ceiling.run_insert(database, transactions=sizes.insert_ceiling),
+        )
+    )
+    return _take_turns(plan, runs)
+
+
+def _latency(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
+    modes = (("listen", True, 5.0), ("poll", False, 0.05))
+    figures: dict[tuple[str, str], Figure] = {}
+    for mode, listen, wake_interval in modes:
+        how = f"{'LISTEN/NOTIFY' if listen else 'polling'}, wake {wake_interval:g} s"
+        for point in ("p50", "p90", "p99", "max"):
+            figures[mode, point] = Figure(
+                "latency", f"latency.{mode}.{point}", f"{how}: {point}", "ms"
+            )
+    for index in range(runs):
+        for mode, listen, wake_interval in modes:
+            run = latency.run_latency(
+                database,
+                listen=listen,
+                wake_interval=wake_interval,
+                jobs=sizes.latency,
+                spacing=LATENCY_SPACING,
+            )
+            for point in ("p50", "p90", "p99", "max"):
+                # The samples are kept once, with the p50 figure.
+                figures[mode, point].runs.append(
+                    run
+                    if point == "p50"
+                    else Run(run.detail[point], run.wall, run.cpu_client, run.cpu_server)
+                )
+            detail = run.detail
+            _progress(
+                f"  latency.{mode} run {index + 1}/{runs}: p50 {detail['p50']:.2f} ms, "
+                f"p99 {detail['p99']:.2f} ms, max {detail['max']:.2f} ms"
+            )
+    return list(figures.values())
+
+
+_GROUP_RUNNERS: dict[str, Callable[[BenchDatabase, Sizes, int], list[Figure]]] = {
+    "ceiling": _ceiling,
+    "enqueue": _enqueue,
+    "drain": _drain,
+    "latency": _latency,
+}
+
+
+def _groups(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(GROUPS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown group {', '.join(unknown) or value!r}; choose from {', '.join(GROUPS)}"
+        )
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Measure sqlalchemy-que's throughput and latency against pgbench's ceiling.",
+    )
+    parser.add_argument(
+        "--database-url",
+        help="the database to measure (a schema que_bench is created and dropped in it); "
+        "default: a throwaway PostgreSQL started for the run",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs per figure (median, min, max); default 3"
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes and 1 run: a smoke check")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="where results.json and drain.png go; default benchmarks/results/",
+    )
+    parser.add_argument(
+        "--only",
+        type=_groups,
+        default=list(GROUPS),
+        metavar="NAME[,NAME]",
+        help=f"the groups to run, of {', '.join(GROUPS)}; default all",
+    )
+    return parser
+
+
+@contextlib.contextmanager
+def _database_url(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    _progress("starting a throwaway PostgreSQL...")
+    with temporary_postgres() as temporary:
+        yield temporary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    if runs < 1:
+        _parser().error("--runs must be at least 1")
+    sizes = QUICK if args.quick else Sizes()
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    figures: list[Figure] = []
+    with _database_url(args.database_url) as url:
+        database = BenchDatabase(url, bindir=find_postgres_bindir())
+        database.create()
+        try:
+            facts = database.machine_facts()
+            _progress(format_machine(facts))
+            for group in _RUN_ORDER:
+                if group in args.only:
+                    _progress(f"{group}:")
+                    figures.extend(_GROUP_RUNNERS[group](database, sizes, runs))
+        finally:
+            database.drop()
+    order = {group: index for index, group in enumerate(GROUPS)}
+    figures.sort(key=lambda figure: order[figure.group])
+    print()
+    print(format_machine(facts))
+    print()
+    print(format_table(figures))
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json(
+        args.output / "results.json",
+        figures,
+        {
+            "command": ["python", "-m", "benchmarks.run", *(argv or sys.argv[1:])],
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "runs": runs,
+            "quick": args.quick,
+            "sizes": dataclasses.asdict(sizes),
+            "database": "given" if args.database_url else "throwaway",
+            "machine": facts,
+            "pgbench_scripts": {
+                "cycle": ceiling.cycle_script(),
+                "insert": ceiling.insert_script(),
+            },
+        },
+    )
+    charted = write_chart(args.output / "drain.png", figures, facts)
+    print()
+    print(f"wrote {args.output / 'results.json'}" + (" and drain.png" if charted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
