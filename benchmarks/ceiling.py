@@ -79,8 +79,12 @@ def cycle_script() -> str:
     )
 
 
-def insert_script() -> str:
-    """The pgbench script of one enqueue (one single-row INSERT per transaction)."""
+def insert_script(*, explicit: bool = False) -> str:
+    """The pgbench script of one enqueue (one single-row INSERT per transaction); with
+    ``explicit``, inside ``BEGIN``/``COMMIT``, the shape (and round trips) of an application
+    transaction."""
+    if explicit:
+        return f"BEGIN;\n{INSERT_SQL};\nCOMMIT;\n"
     return f"{INSERT_SQL};\n"
 
 
@@ -158,11 +162,11 @@ def run_cycle(database: BenchDatabase, *, clients: int, jobs: int) -> Run:
     )
 
 
-def run_insert(database: BenchDatabase, *, transactions: int) -> Run:
-    """One pgbench run of the single-row insert at one client."""
+def run_insert(database: BenchDatabase, *, transactions: int, explicit: bool = False) -> Run:
+    """One pgbench run of the single-row insert at one client (see :func:`insert_script`)."""
     database.truncate()
     start = take(database.server_cpu)
-    output = _pgbench(database, insert_script(), 1, transactions)
+    output = _pgbench(database, insert_script(explicit=explicit), 1, transactions)
     end = take_end(database.server_cpu)
     result = PgbenchResult(output)
     inserted = database.count()

@@ -78,6 +78,12 @@ def _enqueue(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
             Figure("enqueue", "enqueue.bulk", f"bulk insert_jobs, {sizes.bulk:,} jobs", "jobs/s"),
             lambda: enqueue.run_bulk(database, jobs=sizes.bulk),
         ),
+        (
+            Figure(
+                "enqueue", "enqueue.bulk_many", f"bulk insert_many, {sizes.bulk:,} jobs", "jobs/s"
+            ),
+            lambda: enqueue.run_bulk_many(database, jobs=sizes.bulk),
+        ),
     ]
     return _take_turns(plan, runs)
 
@@ -136,6 +142,17 @@ def _ceiling(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
         (
             Figure("ceiling", "ceiling.insert", "pgbench single-row insert, 1 client", "jobs/s"),
             lambda: ceiling.run_insert(database, transactions=sizes.insert_ceiling),
+        )
+    )
+    plan.append(
+        (
+            Figure(
+                "ceiling",
+                "ceiling.insert_tx",
+                "pgbench BEGIN; INSERT; COMMIT, 1 client",
+                "jobs/s",
+            ),
+            lambda: ceiling.run_insert(database, transactions=sizes.insert_ceiling, explicit=True),
         )
     )
     return _take_turns(plan, runs)
@@ -274,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pgbench_scripts": {
                 "cycle": ceiling.cycle_script(),
                 "insert": ceiling.insert_script(),
+                "insert_tx": ceiling.insert_script(explicit=True),
             },
         },
     )

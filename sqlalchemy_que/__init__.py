@@ -13,7 +13,7 @@ The public names are re-exported here; see the documentation in ``docs/`` for th
 
 from __future__ import annotations
 
-from .enqueue import enqueue, insert_job, insert_jobs
+from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     InvalidJobError,
     QueError,
@@ -52,6 +52,7 @@ __all__ = [
     "format_last_error",
     "insert_job",
     "insert_jobs",
+    "insert_many",
     "job",
     "job_stats",
     "lock_job",

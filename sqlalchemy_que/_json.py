@@ -70,8 +70,37 @@ def dump_args(args: Sequence[Any]) -> str:
             f"args must be a list of positional arguments, got {args!r} "
             f"of type {type(args).__name__}"
         )
+    # Fast path for flat arguments of plain scalars (the usual ids and strings): written
+    # directly, exactly as the encoder would write them. Anything else, or any refusal
+    # (NaN, a lone surrogate), takes the walk, which names the bad value.
+    try:
+        return "[" + ",".join([_SCALAR_WRITERS[type(arg)](arg) for arg in args]) + "]"
+    except (KeyError, ValueError):
+        pass
     _check(args, "args")
     return _encoder.encode(list(args))
+
+
+def _write_str(value: str) -> str:
+    value.encode("utf-8")  # raises on a lone surrogate
+    return _encode_str(value)
+
+
+def _write_float(value: float) -> str:
+    if not math.isfinite(value):
+        raise ValueError(value)
+    return float.__repr__(value)
+
+
+# json's own C string encoder without ASCII escaping (what ensure_ascii=False uses).
+_encode_str = json.encoder.encode_basestring
+_SCALAR_WRITERS: dict[type, Any] = {
+    str: _write_str,
+    int: int.__repr__,
+    float: _write_float,
+    bool: lambda value: "true" if value else "false",
+    type(None): lambda value: "null",
+}
 
 
 class CompactJSON(TypeDecorator[list[Any]]):

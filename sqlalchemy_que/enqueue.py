@@ -18,7 +18,8 @@ Three forms share one set of checks:
 * :func:`enqueue` builds a :class:`~sqlalchemy_que.QueJob` for ``session.add()`` (ORM);
 * :func:`insert_job` runs one ``INSERT`` on a Core ``Connection`` (or a ``Session``) and returns
   the new ``job_id``;
-* :func:`insert_jobs` writes many jobs in one ``COPY`` round trip (bulk).
+* :func:`insert_jobs` writes many jobs in one ``COPY`` round trip (bulk), and
+  :func:`insert_many` many jobs of one class from their argument lists, faster still.
 
 Every field is checked before anything is sent: a refused job raises
 :class:`~sqlalchemy_que.InvalidJobError` naming the bad value, and leaves the session as it was.
@@ -41,7 +42,7 @@ from .notify import notify_job, pending_wakeup
 if TYPE_CHECKING:
     from .jobs import JobDefinition
 
-__all__ = ["Bind", "enqueue", "insert_job", "insert_jobs", "job_values"]
+__all__ = ["Bind", "enqueue", "insert_job", "insert_jobs", "insert_many", "job_values"]
 
 #: What the Core forms accept as "the caller's transaction".
 Bind = Union[Connection, Session, "scoped_session[Any]"]
@@ -245,6 +246,53 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
         count += 1
     if not count:
         return 0
+    _copy(bind, groups, earliest)
+    return count
+
+
+def insert_many(
+    bind: Bind,
+    job_class: str | JobDefinition[Any],
+    arguments: Iterable[Sequence[Any]],
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime.datetime | None = None,
+) -> int:
+    """Insert many jobs of one class, one per argument list, with ``COPY``; the fastest form.
+
+    ``insert_many(connection, "Reindex", ([page] for page in pages))`` is
+    :func:`insert_jobs` without building a :class:`~sqlalchemy_que.QueJob` per job: the
+    fields shared by all the jobs are checked once, each argument list on its own, all
+    before the first row is sent. It never commits.
+
+    :returns: the number of jobs inserted.
+    :raises InvalidJobError: naming the bad argument list and value, before anything is sent.
+    """
+    shared = job_values(job_class, (), queue=queue, priority=priority, run_at=run_at)
+    columns = tuple(name for name in _COPY_ORDER if name in shared)
+    position = columns.index("args")
+    template = [shared[name] for name in columns]
+    rows: list[tuple[Any, ...]] = []
+    for index, args in enumerate(arguments):
+        try:
+            template[position] = dump_args(args)
+        except InvalidJobError as exc:
+            raise InvalidJobError(f"arguments[{index}]: {exc}") from None
+        rows.append(tuple(template))
+    if not rows:
+        return 0
+    _copy(bind, {columns: rows}, {shared.get("queue", ""): shared.get("run_at")})
+    return len(rows)
+
+
+def _copy(
+    bind: Bind,
+    groups: dict[tuple[str, ...], list[tuple[Any, ...]]],
+    earliest: dict[str, datetime.datetime | None],
+) -> None:
+    """COPY each group of rows (rows with the same columns) in ``bind``'s transaction, then
+    send one wake-up per queue."""
     connection = _connection_of(bind)
     if not connection.in_transaction():
         connection.begin()
@@ -259,4 +307,3 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
                     copy.write_row(row)
     for queue, run_at in earliest.items():
         notify_job(connection, queue, run_at)
-    return count

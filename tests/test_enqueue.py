@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.orm import Session
 
 import sqlalchemy_que as que
-from sqlalchemy_que import InvalidJobError, QueJob, enqueue, insert_job, insert_jobs
+from sqlalchemy_que import InvalidJobError, QueJob, enqueue, insert_job, insert_jobs, insert_many
 
 UTC = datetime.timezone.utc
 
@@ -278,3 +278,41 @@ def test_json_dump_matches_the_stored_text_exactly(session: Session) -> None:
     stored = rows(session)[0]["args"]
     assert stored == json.dumps(args, separators=(",", ":"), ensure_ascii=False)
     assert json.loads(stored) == args
+
+
+def test_insert_many_writes_one_job_per_argument_list(connection: Connection) -> None:
+    run_at = datetime.datetime(2035, 1, 1, tzinfo=UTC)
+    count = insert_many(
+        connection,
+        "Reindex",
+        ([page, {"lang": "é"}] for page in range(300)),
+        queue="idx",
+        priority=5,
+        run_at=run_at,
+    )
+    assert count == 300
+    stored = rows(connection)
+    assert [row["args"] for row in stored] == [f'[{page},{{"lang":"é"}}]' for page in range(300)]
+    assert {(r["job_class"], r["queue"], r["priority"], r["run_at"]) for r in stored} == {
+        ("Reindex", "idx", 5, run_at)
+    }
+
+
+def test_insert_many_takes_the_database_defaults(connection: Connection) -> None:
+    assert insert_many(connection, "Plain", [[], [1]]) == 2
+    now = connection.execute(select(func.now())).scalar_one()
+    assert [(r["queue"], r["priority"], r["run_at"], r["args"]) for r in rows(connection)] == [
+        ("", 100, now, "[]"),
+        ("", 100, now, "[1]"),
+    ]
+
+
+def test_insert_many_refuses_a_bad_argument_list_before_sending(connection: Connection) -> None:
+    with pytest.raises(InvalidJobError, match=r"arguments\[2\]: args\[0\] is nan"):
+        insert_many(connection, "Bad", [[1], [2], [math.nan]])
+    with pytest.raises(InvalidJobError, match="priority 99999 is outside"):
+        insert_many(connection, "Bad", [[1]], priority=99999)
+    with pytest.raises(InvalidJobError, match="args must be a list"):
+        insert_many(connection, "Bad", ["not a list"])
+    assert insert_many(connection, "Nothing", []) == 0
+    assert rows(connection) == []
