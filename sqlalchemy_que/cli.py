@@ -39,6 +39,7 @@ from . import schema, stats
 from .enqueue import insert_job
 from .errors import QueError
 from .jobs import JobDefinition, JobRegistry
+from .locking import LockedJob
 from .worker import WorkerPool
 
 __all__ = ["load_handlers", "main", "normalise_database_url"]
@@ -411,6 +412,11 @@ def worker(
             still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
         finally:
             engine.dispose()
+    exit_if_jobs_still_running(still_running)
+
+
+def exit_if_jobs_still_running(still_running: list[LockedJob]) -> None:
+    """After a worker pool's shutdown: name the jobs that outlived the timeout and exit 3."""
     if still_running:
         click.echo(
             f"stopped with {len(still_running)} job(s) still running: "

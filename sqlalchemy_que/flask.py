@@ -61,7 +61,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -73,7 +72,7 @@ from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
-from .cli import EXIT_JOBS_STILL_RUNNING, _explained, _print_stats, load_handlers
+from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
 from .errors import QueError, WorkerError
 from .jobs import JobContext, JobRegistry
 from .worker import ErrorReporter, Handlers, WorkerPool, _registry
@@ -382,13 +381,7 @@ def worker_command(
         if shutdown_timeout is None:
             shutdown_timeout = state.shutdown_timeout
         still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
-    if still_running:
-        click.echo(
-            f"stopped with {len(still_running)} job(s) still running: "
-            + ", ".join(str(job.job_id) for job in still_running),
-            err=True,
-        )
-        sys.exit(EXIT_JOBS_STILL_RUNNING)
+    exit_if_jobs_still_running(still_running)
 
 
 @que_cli.command("stats")

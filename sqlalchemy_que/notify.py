@@ -74,7 +74,9 @@ def pending_wakeup(
     """The ``(channel, payload)`` to notify for a job of ``queue`` due at ``run_at`` (None:
     now), or None when this transaction already announced one as early. The caller must
     send it in this transaction; it is counted as sent."""
-    transaction = connection.get_transaction()
+    # Begin now if the caller's Connection has not yet (commit-as-you-go autobegins only at
+    # the first statement): the state below belongs to this very transaction.
+    transaction = connection.get_transaction() or connection.begin()
     due = _epoch(run_at)
     state = connection.info.get(_STATE_KEY)
     if state is None or state[0] is not transaction:

@@ -246,25 +246,20 @@ class Worker:
                         connection = self._discard(connection)
                         connection = _checkout(self.engine)
                     did_work = self._work_one_on(connection)
-                except (DBAPIError, DisconnectionError, psycopg.Error, OSError) as error:
+                except Exception as error:
                     connection = self._discard(connection)
                     backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
-                    logger.warning(
-                        "%s: database error, retrying in %.1fs: %s",
+                    database = isinstance(
+                        error, DBAPIError | DisconnectionError | psycopg.Error | OSError
+                    )
+                    logger.log(
+                        logging.WARNING if database else logging.ERROR,
+                        "%s: %s error, retrying in %.1fs: %s",
                         self.name,
+                        "database" if database else "unexpected",
                         backoff,
                         error,
-                        extra={"queue": self.queue, "backoff": backoff},
-                    )
-                    self._sleep(backoff)
-                    continue
-                except Exception:
-                    connection = self._discard(connection)
-                    backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
-                    logger.exception(
-                        "%s: unexpected error, retrying in %.1fs",
-                        self.name,
-                        backoff,
+                        exc_info=not database,
                         extra={"queue": self.queue, "backoff": backoff},
                     )
                     self._sleep(backoff)

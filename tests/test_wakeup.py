@@ -74,6 +74,23 @@ def test_one_notification_per_transaction_and_queue(engine: Engine, listen: Any)
         assert run_at is None or run_at <= time.time()
 
 
+def test_every_transaction_of_a_reused_connection_notifies(
+    engine: Engine, listen: Any
+) -> None:
+    received = listen("")
+    with engine.connect() as connection:  # commit as you go, one connection throughout
+        for index in range(3):
+            insert_job(connection, "Again", index)
+            connection.commit()
+        insert_jobs(connection, [enqueue("Again")])
+        connection.commit()
+    with Session(engine) as session:
+        for index in range(2):
+            session.add(enqueue("Again", index))
+            session.commit()
+    assert len(received()) == 6
+
+
 def test_a_rolled_back_enqueue_notifies_nobody(engine: Engine, listen: Any) -> None:
     received = listen("")
     with Session(engine) as session:
