@@ -74,9 +74,7 @@ def test_one_notification_per_transaction_and_queue(engine: Engine, listen: Any)
         assert run_at is None or run_at <= time.time()
 
 
-def test_every_transaction_of_a_reused_connection_notifies(
-    engine: Engine, listen: Any
-) -> None:
+def test_every_transaction_of_a_reused_connection_notifies(engine: Engine, listen: Any) -> None:
     received = listen("")
     with engine.connect() as connection:  # commit as you go, one connection throughout
         for index in range(3):
