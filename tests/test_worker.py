@@ -380,3 +380,32 @@ def test_a_handlers_session_rollback_undoes_only_its_own_writes(ledger: Engine) 
     assert Worker(ledger, {"ChangeOfMind": change_of_mind}).work_one()
     assert sorted(ledger_notes(ledger)) == ["after", "kept"]
     assert job_rows(ledger) == []
+
+
+def test_a_failure_at_commit_fails_the_job_and_keeps_nothing(ledger: Engine) -> None:
+    with ledger.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS test_child, test_parent"))
+        connection.execute(text("CREATE TABLE test_parent (id int PRIMARY KEY)"))
+        connection.execute(
+            text(
+                "CREATE TABLE test_child (parent int REFERENCES test_parent "
+                "DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+
+    def orphan(job: JobContext) -> None:
+        # Accepted now, refused by the deferred foreign key only at COMMIT.
+        job.session.execute(text("INSERT INTO test_child VALUES (42)"))
+        job.session.execute(text("INSERT INTO test_ledger VALUES ('written')"))
+
+    add_job(ledger, "Orphan")
+    try:
+        assert Worker(ledger, {"Orphan": orphan}).work_one()
+        (row,) = job_rows(ledger)
+        assert row["error_count"] == 1
+        assert "ForeignKeyViolation" in row["last_error"].split("\n")[0]
+        assert ledger_notes(ledger) == []
+        assert held_job_locks(ledger) == []
+    finally:
+        with ledger.begin() as connection:
+            connection.execute(text("DROP TABLE test_child, test_parent"))
