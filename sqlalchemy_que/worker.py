@@ -164,8 +164,8 @@ class Worker:
     :param on_error: called with the exception and the job after a job fails; whatever it
         raises is logged, never fatal.
     :param name: a name for logs; default ``"worker"``.
-    :param on_locked: called each time the worker locks a job (a pool uses it to wake one
-        idle worker, since one ready job often means more).
+    :param on_locked: called when the worker locks a job while more are ready behind it (a
+        pool uses it to wake one idle worker).
     """
 
     def __init__(
@@ -300,15 +300,16 @@ class Worker:
     def _work_one_on(self, connection: Connection) -> bool:
         """Work one job on ``connection``, checked out by :func:`_checkout` (autocommit)."""
         try:
-            job = lock_on_driver(driver_connection(connection), self.queue, begin=True)
+            locked = lock_on_driver(driver_connection(connection), self.queue, begin=True)
         except psycopg.Error as error:
             connection.invalidate()  # it may hold a lock we cannot account for
             raise as_dbapi_error(error) from error
         except BaseException:
             connection.invalidate()
             raise
-        if job is None:
+        if locked is None:
             return False
+        job, more_ready = locked
         # The DBAPI connection is the session that holds the lock. If SQLAlchemy ever
         # replaces it (after a disconnect), the lock is gone and nothing more may be
         # written about the job from here: another worker may hold it by now.
@@ -316,8 +317,8 @@ class Worker:
         self._current = job
         released = False
         try:
-            if self._on_locked is not None:
-                self._on_locked()  # there may be more: let an idle colleague look
+            if more_ready and self._on_locked is not None:
+                self._on_locked()  # more are ready: let an idle colleague take the next
             released = self._work(connection, job, holder)
         finally:
             try:
@@ -651,8 +652,8 @@ class WorkerPool:
 
     def _wake_idle(self) -> None:
         """Wake one sleeping worker, if any: one ready job wakes one worker, and each worker
-        that then locks a job wakes the next, so a burst of jobs wakes as many workers as
-        there are jobs and a single job does not wake the whole pool."""
+        that then locks a job while more are ready wakes the next, so a burst of jobs wakes
+        as many workers as there are jobs, and a single job wakes only one."""
         for worker in self.workers:
             if worker.sleeping:
                 worker.wake()
