@@ -118,7 +118,15 @@ _LOCK_NEXT_JOB_SQL = driver_sql(LOCK_NEXT_JOB)
 _RECHECK_JOB_SQL = driver_sql(RECHECK_JOB)
 _UNLOCK_JOB_SQL = driver_sql(UNLOCK_JOB)
 _NOT_YET = object()
-_RECHECK_THEN_BEGIN_SQL = f"{_RECHECK_JOB_SQL}; BEGIN"
+# The job's transaction opens with the isolation level the connection is set to, and with
+# idle_in_transaction_session_timeout off: the session sits idle in the transaction while the
+# handler runs in Python, and a server that ended it there would end the job's lock with it,
+# letting a second worker start the same job.
+# BEGIN comes first, so that its options apply; the re-check is still a fresh statement, the
+# first of the new transaction, with a snapshot taken after the lock query.
+_BEGIN_THEN_RECHECK_SQL = (
+    f"BEGIN{{options}}; SET LOCAL idle_in_transaction_session_timeout = 0; {_RECHECK_JOB_SQL}"
+)
 _COMMIT_THEN_UNLOCK_SQL = f"COMMIT; {_UNLOCK_JOB_SQL}"
 
 
@@ -174,6 +182,25 @@ def recheck_job(connection: Connection, job: LockedJob) -> bool:
 def unlock_job(connection: Connection, job_id: int) -> bool:
     """Release the job's advisory lock; True when this session held it."""
     return bool(connection.execute(UNLOCK_JOB, {"job_id": job_id}).scalar_one())
+
+
+_ISOLATION_SQL = {
+    psycopg.IsolationLevel.READ_UNCOMMITTED: " ISOLATION LEVEL READ UNCOMMITTED",
+    psycopg.IsolationLevel.READ_COMMITTED: " ISOLATION LEVEL READ COMMITTED",
+    psycopg.IsolationLevel.REPEATABLE_READ: " ISOLATION LEVEL REPEATABLE READ",
+    psycopg.IsolationLevel.SERIALIZABLE: " ISOLATION LEVEL SERIALIZABLE",
+}
+
+
+def _begin_sql(raw: psycopg.Connection[Any]) -> str:
+    """The job's ``BEGIN`` and the re-check, honouring the isolation level, read-only and
+    deferrable settings of the connection (as SQLAlchemy's ``isolation_level`` sets them)."""
+    options = _ISOLATION_SQL.get(raw.isolation_level, "") if raw.isolation_level else ""
+    if raw.read_only is not None:
+        options += " READ ONLY" if raw.read_only else " READ WRITE"
+    if raw.deferrable is not None:
+        options += " DEFERRABLE" if raw.deferrable else " NOT DEFERRABLE"
+    return _BEGIN_THEN_RECHECK_SQL.replace("{options}", options)
 
 
 def lock_job(
@@ -247,10 +274,12 @@ def lock_on_driver(
         job, more_ready = LockedJob(*row[:8]), bool(row[8])
         row = _NOT_YET
         if begin:
-            # One round trip: the re-check, then BEGIN for the job's transaction, sent as
+            # One round trip: BEGIN for the job's transaction, then the re-check, sent as
             # one multi-statement query (parameters bound client-side, safely quoted).
             cursor = psycopg.ClientCursor(raw)
-            cursor.execute(_RECHECK_THEN_BEGIN_SQL, job.key)
+            cursor.execute(_begin_sql(raw), job.key)
+            cursor.nextset()  # past BEGIN
+            cursor.nextset()  # past SET LOCAL
             found = cursor.fetchone() is not None
         else:
             found = raw.execute(_RECHECK_JOB_SQL, job.key, prepare=True).fetchone() is not None

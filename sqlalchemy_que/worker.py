@@ -96,6 +96,9 @@ LAST_ERROR_FIRST_LINE = 500
 
 _MAX_BACKOFF = 30.0
 
+#: The longest retry delay written (about 100 years), well within PostgreSQL's intervals.
+MAX_RETRY_DELAY = 100 * 365.25 * 24 * 3600.0
+
 
 def _error_class_name(error: BaseException) -> str:
     cls = type(error)
@@ -120,7 +123,9 @@ def format_last_error(error: BaseException) -> str:
         f"{frame.filename}:{frame.lineno}:in {frame.name}"
         for frame in reversed(traceback.extract_tb(error.__traceback__))
     ]
-    return "\n".join([first[:LAST_ERROR_FIRST_LINE], *frames])
+    text = "\n".join([first[:LAST_ERROR_FIRST_LINE], *frames])
+    # PostgreSQL text holds no NUL and only valid UTF-8: escape what it cannot store.
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _registry(handlers: Handlers) -> JobRegistry:
@@ -439,7 +444,7 @@ class Worker:
         if not math.isfinite(delay) or delay < 0:
             logger.error("retry delay %r is not a number of seconds >= 0; using 0", delay)
             return 0.0
-        return delay
+        return min(delay, MAX_RETRY_DELAY)
 
     def _fail(
         self,
@@ -470,19 +475,29 @@ class Worker:
             )
             self._report(error, context)
             return
-        try:
-            connection.execute(
-                RECORD_ERROR, {**job.key, "delay": delay, "last_error": format_last_error(error)}
-            )
-            connection.commit()
-        except Exception:
-            logger.exception(
-                "%s: could not record the error of job %s; it stays as it was and will be retried",
-                self.name,
-                job.job_id,
-                extra=extra,
-            )
-            self._rollback_quietly(connection)
+        attempts = [
+            (format_last_error(error), delay),
+            # Should the first fail, a record that cannot: the job must not stay ready, or
+            # the worker would take it again at once, in a loop.
+            (_error_class_name(error), default_retry_delay(count)),
+        ]
+        for last_error, seconds in attempts:
+            try:
+                connection.execute(
+                    RECORD_ERROR, {**job.key, "delay": seconds, "last_error": last_error}
+                )
+                connection.commit()
+                break
+            except Exception:
+                logger.exception(
+                    "%s: could not record the error of job %s", self.name, job.job_id, extra=extra
+                )
+                self._rollback_quietly(connection)
+        else:
+            self._report(error, context)
+            # Nothing recorded: stop taking jobs for a while (Worker.run backs off) rather
+            # than take this one again at once.
+            raise QueError(f"could not record the error of job {job.job_id}; backing off")
         logger.error(
             "%s: job %s %s failed (error %d), retrying in %.0fs: %s",
             self.name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -409,3 +410,78 @@ def test_a_failure_at_commit_fails_the_job_and_keeps_nothing(ledger: Engine) -> 
     finally:
         with ledger.begin() as connection:
             connection.execute(text("DROP TABLE test_child, test_parent"))
+
+
+@pytest.mark.parametrize(
+    ("message", "stored"),
+    [
+        ("bad \x00 byte", "ValueError: bad \\x00 byte"),
+        ("bad \udcff byte", "ValueError: bad \\udcff byte"),
+    ],
+)
+def test_an_error_message_postgresql_cannot_store_is_escaped(
+    engine: Engine, message: str, stored: str
+) -> None:
+    def unstorable(job: JobContext) -> None:
+        raise ValueError(message)
+
+    add_job(engine, "Unstorable")
+    assert Worker(engine, {"Unstorable": unstorable}).work_one()
+    (row,) = job_rows(engine)
+    assert row["error_count"] == 1
+    assert row["last_error"].split("\n")[0] == stored
+    assert row["run_in"] > 3  # rescheduled: not ready again at once
+
+
+def test_a_huge_retry_delay_is_capped_not_failed(engine: Engine) -> None:
+    registry = JobRegistry()
+
+    @registry.job("Forever", retry_delay=1e16)
+    def forever(job: JobContext) -> None:
+        raise RuntimeError("later")
+
+    add_job(engine, "Forever")
+    assert Worker(engine, registry).work_one()
+    (row,) = job_rows(engine)
+    assert row["error_count"] == 1
+    assert 99 * 365 * 24 * 3600 < row["run_in"] <= 100 * 366 * 24 * 3600
+
+
+def test_the_job_transaction_survives_an_idle_in_transaction_timeout(
+    engine: Engine, database_url: str
+) -> None:
+    # The server ends sessions idle in a transaction for 300 ms; the handler takes longer.
+    timing_out = create_engine(
+        database_url, connect_args={"options": "-c idle_in_transaction_session_timeout=300"}
+    )
+    calls: list[int] = []
+
+    def slow(job: JobContext) -> None:
+        calls.append(job.job_id)
+        time.sleep(0.8)  # stands in for work done in Python while the transaction is open
+
+    try:
+        add_job(engine, "Slow")
+        assert Worker(timing_out, {"Slow": slow}).work_one()
+        assert job_rows(engine) == []
+        assert len(calls) == 1
+    finally:
+        timing_out.dispose()
+
+
+def test_the_job_transaction_has_the_engines_isolation_level(
+    engine: Engine, database_url: str
+) -> None:
+    serializable = create_engine(database_url, isolation_level="SERIALIZABLE")
+    seen: list[str] = []
+
+    def look(job: JobContext) -> None:
+        seen.append(job.connection.execute(text("SHOW transaction_isolation")).scalar_one())
+
+    try:
+        add_job(engine, "Look")
+        assert Worker(serializable, {"Look": look}).work_one()
+        assert seen == ["serializable"]
+        assert job_rows(engine) == []
+    finally:
+        serializable.dispose()
