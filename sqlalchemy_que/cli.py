@@ -63,10 +63,10 @@ def normalise_database_url(url: str) -> URL:
         ) from None
     if parsed.drivername in ("postgres", "postgresql"):
         parsed = parsed.set(drivername="postgresql+psycopg")
-    if not parsed.drivername.startswith("postgresql"):
+    if parsed.drivername != "postgresql+psycopg":
         raise QueError(
-            f"the database URL {parsed.render_as_string()!r} is not PostgreSQL; "
-            "sqlalchemy-que needs PostgreSQL"
+            f"the database URL {parsed.render_as_string()!r} does not use PostgreSQL with "
+            "psycopg 3; use postgresql:// or postgresql+psycopg://"
         )
     return parsed
 

@@ -1,7 +1,7 @@
 """Instant wake-up, the receiving side: one listening connection per worker pool.
 
-A :class:`Listener` holds a dedicated connection (opened with the Engine's own connection
-arguments, never taken from the pool the workers use), ``LISTEN``\\ s on the channel of its
+A :class:`Listener` holds a dedicated connection (made as the Engine makes its connections,
+then detached from its pool, so never one of the workers'), ``LISTEN``\\ s on the channel of its
 queue (see :mod:`sqlalchemy_que.notify`), and calls ``wake`` when a job is ready: at once for a
 job due now, or when its ``run_at`` comes for a job due within the next hour (a timer), so
 that a scheduled job starts on time rather than at the next poll.
@@ -71,11 +71,21 @@ class Listener:
             self._thread.join(timeout)
 
     def _connect(self) -> psycopg.Connection[Any]:
-        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        cparams = {**cparams, "autocommit": True}
-        cparams.setdefault("application_name", "sqlalchemy-que listener")
-        connection: psycopg.Connection[Any] = psycopg.connect(*cargs, **cparams)
-        connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        # A connection made exactly as the Engine makes them (its URL, connect_args,
+        # creator, connect events), then detached: the pool forgets it and it is ours.
+        fairy = self.engine.raw_connection()
+        connection = fairy.driver_connection
+        if not isinstance(connection, psycopg.Connection):
+            fairy.close()
+            raise psycopg.InterfaceError("the listener needs the psycopg driver")
+        fairy.detach()
+        try:
+            connection.autocommit = True
+            connection.execute("SET application_name = 'sqlalchemy-que listener'")
+            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _run(self) -> None:
@@ -83,7 +93,7 @@ class Listener:
         while not self._stopping.is_set():
             try:
                 self._connection = self._connect()
-            except psycopg.Error as error:
+            except Exception as error:  # the driver's, or the pool's (a timeout)
                 backoff = min(max(backoff * 2, 0.1), _MAX_BACKOFF)
                 logger.warning(
                     "cannot open the listening connection, retrying in %.1fs: %s",
@@ -100,7 +110,7 @@ class Listener:
             self.connected.set()
             try:
                 self._listen(self._connection)
-            except psycopg.Error as error:
+            except Exception as error:
                 backoff = 0.1
                 logger.warning(
                     "the listening connection was lost, reconnecting: %s",

@@ -75,8 +75,11 @@ def pending_wakeup(
     now), or None when this transaction already announced one as early. The caller must
     send it in this transaction; it is counted as sent."""
     # Begin now if the caller's Connection has not yet (commit-as-you-go autobegins only at
-    # the first statement): the state below belongs to this very transaction.
-    transaction = connection.get_transaction() or connection.begin()
+    # the first statement): the state below belongs to this very transaction, or to the
+    # innermost savepoint, since a savepoint rolled back takes its notifications with it.
+    transaction = (
+        connection.get_nested_transaction() or connection.get_transaction() or connection.begin()
+    )
     due = _epoch(run_at)
     state = connection.info.get(_STATE_KEY)
     if state is None or state[0] is not transaction:

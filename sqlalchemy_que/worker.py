@@ -673,8 +673,19 @@ class WorkerPool:
             if worker.sleeping:
                 worker.wake()
                 return
+        # Nobody asleep: an idle worker may be between its last look and its sleep, having
+        # looked before the job was committed. Its wake flag makes that sleep end at once.
+        for worker in self.workers:
+            if worker.current_job is None:
+                worker.wake()
+                return
 
     def _preflight(self) -> None:
+        if self.engine.dialect.driver != "psycopg":
+            raise WorkerError(
+                f"workers need the psycopg (3) driver, but this Engine uses "
+                f"{self.engine.dialect.driver!r}; use a postgresql+psycopg:// URL"
+            )
         capacity = _pool_capacity(self.engine)
         if capacity < len(self.workers):
             pool = self.engine.pool

@@ -25,7 +25,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
-from sqlalchemy_que import JobContext, Worker
+from sqlalchemy_que import JobContext, QueError, Worker
+from sqlalchemy_que.cli import normalise_database_url
 
 from .cli_handlers import CREATE_EVENTS, DROP_EVENTS, HAS_EVENT, RECORD_EVENT
 from .conftest import advisory_lock_count, wait_for
@@ -645,3 +646,16 @@ def test_demo_on_a_throwaway_postgres_as_an_unprivileged_user() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "\ndone: 20 jobs" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql+psycopg2://u@h/d", "postgresql+asyncpg://u@h/d", "mysql://u@h/d"]
+)
+def test_urls_for_other_drivers_are_refused_naming_them(url: str) -> None:
+    with pytest.raises(QueError, match="does not use PostgreSQL with psycopg 3"):
+        normalise_database_url(url)
+
+
+def test_plain_postgres_urls_get_the_psycopg_driver() -> None:
+    for url in ("postgres://u@h/d", "postgresql://u@h/d", "postgresql+psycopg://u@h/d"):
+        assert normalise_database_url(url).drivername == "postgresql+psycopg"

@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
 
 from sqlalchemy_que import JobContext, WorkerPool, enqueue, insert_job, insert_jobs
@@ -260,3 +260,39 @@ def test_listening_can_be_turned_off(engine: Engine, started: dict[str, float]) 
         assert listeners == 0
     finally:
         assert pool.shutdown(5) == []
+
+
+def test_a_rolled_back_savepoint_does_not_silence_later_wakeups(
+    engine: Engine, listen: Any
+) -> None:
+    received = listen("")
+    with Session(engine) as session:
+        savepoint = session.begin_nested()
+        session.add(enqueue("Dropped"))
+        session.flush()
+        savepoint.rollback()
+        session.add(enqueue("Kept"))
+        session.commit()
+    assert len(received()) == 1
+    assert [row["job_class"] for row in job_rows(engine)] == ["Kept"]
+
+
+def test_the_listener_connects_as_the_engine_does(database_url: str, engine: Engine) -> None:
+    # The real host and port reach the driver only through connect_args.
+    real = make_url(database_url)
+    tricky = create_engine(
+        real.set(host="127.0.0.1", port=1),
+        connect_args={"host": real.host, "port": real.port},
+        pool_size=3,
+    )
+    started: dict[str, float] = {}
+    pool = make_pool(tricky, started)
+    pool.start()
+    try:
+        assert pool.listener is not None and pool.listener.connected.wait(5)
+        with engine.begin() as connection:
+            insert_job(connection, "Record", "via connect_args")
+        wait_for(lambda: "via connect_args" in started, timeout=5, message="the job")
+    finally:
+        assert pool.shutdown(5) == []
+        tricky.dispose()

@@ -111,7 +111,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if not context.is_offline_mode():
-        count = op.get_bind().execute(sa.text("SELECT count(*) FROM que_jobs")).scalar_one()
+        bind = op.get_bind()
+        # Lock first, so that no enqueue can commit a job between the count and the drop.
+        bind.execute(sa.text("LOCK TABLE que_jobs IN ACCESS EXCLUSIVE MODE"))
+        count = bind.execute(sa.text("SELECT count(*) FROM que_jobs")).scalar_one()
         if count:
             raise SchemaError(
                 f"que_jobs still holds {count} job(s); refusing to drop them. Delete them "
