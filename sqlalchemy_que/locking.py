@@ -84,14 +84,7 @@ WITH RECURSIVE candidates AS (
         ) AS step
     )
 )
-SELECT queue, priority, run_at, job_id, job_class, args::text AS args, error_count, last_error,
-       EXISTS (
-           SELECT 1
-           FROM que_jobs AS j
-           WHERE j.queue = :queue AND j.run_at <= now()
-             AND (j.priority, j.run_at, j.job_id)
-                 > (candidates.priority, candidates.run_at, candidates.job_id)
-       ) AS more_ready
+SELECT queue, priority, run_at, job_id, job_class, args::text AS args, error_count, last_error
 FROM candidates
 WHERE locked
 LIMIT 1
@@ -229,8 +222,7 @@ def lock_job(
         autocommit = raw.autocommit
         raw.autocommit = True
         try:
-            locked = lock_on_driver(raw, queue, attempts=attempts, first_row=row)
-            return None if locked is None else locked[0]
+            return lock_on_driver(raw, queue, attempts=attempts, first_row=row)
         except psycopg.Error as error:
             raise as_dbapi_error(error) from error
         finally:
@@ -251,7 +243,7 @@ def lock_on_driver(
     attempts: int = LOCK_ATTEMPTS,
     begin: bool = False,
     first_row: Any = _NOT_YET,
-) -> tuple[LockedJob, bool] | None:
+) -> LockedJob | None:
     """:func:`lock_job` on a psycopg connection in autocommit mode: the worker's hot path.
 
     :param begin: open the job's transaction (``BEGIN``) in the same round trip as the
@@ -260,8 +252,6 @@ def lock_on_driver(
     Round trips, which dominate the cost of a job: one for the lock query (a prepared
     statement), one for the re-check (with ``BEGIN`` when asked).
     :param first_row: the result of a lock query already run, if any.
-    :returns: the locked job, and whether more jobs were ready behind it when it was locked
-        (a hint for waking another worker: some of them may be held by other sessions).
 
     The caller discards the connection if this raises.
     """
@@ -271,7 +261,7 @@ def lock_on_driver(
             row = raw.execute(_LOCK_NEXT_JOB_SQL, {"queue": queue}, prepare=True).fetchone()
         if row is None:
             return None
-        job, more_ready = LockedJob(*row[:8]), bool(row[8])
+        job = LockedJob(*row)
         row = _NOT_YET
         if begin:
             # One round trip: BEGIN for the job's transaction, then the re-check, sent as
@@ -284,7 +274,7 @@ def lock_on_driver(
         else:
             found = raw.execute(_RECHECK_JOB_SQL, job.key, prepare=True).fetchone() is not None
         if found:
-            return job, more_ready
+            return job
         logger.debug(
             "job %s vanished between the lock query and the re-check; looking again",
             job.job_id,

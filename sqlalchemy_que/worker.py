@@ -169,8 +169,8 @@ class Worker:
     :param on_error: called with the exception and the job after a job fails; whatever it
         raises is logged, never fatal.
     :param name: a name for logs; default ``"worker"``.
-    :param on_locked: called when the worker locks a job while more are ready behind it (a
-        pool uses it to wake one idle worker).
+    :param on_locked: called when the worker locks its first job after a sleep (a pool uses
+        it to wake one idle worker, since one ready job often means more).
     """
 
     def __init__(
@@ -196,6 +196,7 @@ class Worker:
         self._wake = threading.Event()
         self._current: LockedJob | None = None
         self._on_locked = on_locked
+        self._after_sleep = True
         self.sleeping = False
 
     # -- control -------------------------------------------------------------------------
@@ -226,6 +227,7 @@ class Worker:
                 self._wake.clear()
         finally:
             self.sleeping = False
+            self._after_sleep = True
 
     # -- loops ---------------------------------------------------------------------------
 
@@ -304,17 +306,17 @@ class Worker:
 
     def _work_one_on(self, connection: Connection) -> bool:
         """Work one job on ``connection``, checked out by :func:`_checkout` (autocommit)."""
+        after_sleep, self._after_sleep = self._after_sleep, False
         try:
-            locked = lock_on_driver(driver_connection(connection), self.queue, begin=True)
+            job = lock_on_driver(driver_connection(connection), self.queue, begin=True)
         except psycopg.Error as error:
             connection.invalidate()  # it may hold a lock we cannot account for
             raise as_dbapi_error(error) from error
         except BaseException:
             connection.invalidate()
             raise
-        if locked is None:
+        if job is None:
             return False
-        job, more_ready = locked
         # The DBAPI connection is the session that holds the lock. If SQLAlchemy ever
         # replaces it (after a disconnect), the lock is gone and nothing more may be
         # written about the job from here: another worker may hold it by now.
@@ -322,8 +324,10 @@ class Worker:
         self._current = job
         released = False
         try:
-            if more_ready and self._on_locked is not None:
-                self._on_locked()  # more are ready: let an idle colleague take the next
+            if after_sleep and self._on_locked is not None:
+                # The first job after a sleep: where there is one there may be more, so let
+                # an idle colleague look (it does the same if it finds one).
+                self._on_locked()
             released = self._work(connection, job, holder)
         finally:
             try:
@@ -667,8 +671,9 @@ class WorkerPool:
 
     def _wake_idle(self) -> None:
         """Wake one sleeping worker, if any: one ready job wakes one worker, and each worker
-        that then locks a job while more are ready wakes the next, so a burst of jobs wakes
-        as many workers as there are jobs, and a single job wakes only one."""
+        that then finds a job wakes the next, so a burst of jobs wakes as many workers as
+        there are jobs (plus one, which finds nothing and sleeps again), and a single job
+        does not wake the whole pool."""
         for worker in self.workers:
             if worker.sleeping:
                 worker.wake()

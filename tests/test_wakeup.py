@@ -235,7 +235,7 @@ def test_a_burst_wakes_as_many_workers_as_there_are_jobs(engine: Engine) -> None
         with engine.begin() as connection:
             insert_jobs(connection, [enqueue("Slow", index) for index in range(3)])
         wait_for(lambda: len(busy) == 3, timeout=5, message="three workers on three jobs")
-        # The third lock saw no job behind it, so the fourth worker was never woken.
+        # The fourth worker was woken by the third, found nothing, and sleeps again.
         wait_for(lambda: sum(w.sleeping for w in pool.workers) == 1, message="one asleep")
     finally:
         gate.set()
