@@ -28,10 +28,11 @@ Every field is checked before anything is sent: a refused job raises
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Union, cast
+from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import Connection, Table, func, insert, select
+from sqlalchemy import Connection, TextClause, text
 from sqlalchemy.orm import Session, scoped_session
 
 from ._json import _PreDumped, dump_args
@@ -182,16 +183,39 @@ def insert_job(
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
     values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
-    table = cast(Table, QueJob.__table__)  # declared as FromClause; it is the mapped Table
-    statement = insert(table).values(values).returning(table.c.job_id)
     wakeup = pending_wakeup(_connection_of(bind), values.get("queue", ""), values.get("run_at"))
-    if wakeup is None:
-        job_id: int = bind.execute(statement).scalar_one()
-        return job_id
-    # The wake-up rides in the same statement (and round trip) as the insert.
-    new_job = statement.cte("new_job")
-    row = bind.execute(select(new_job.c.job_id, func.pg_notify(*wakeup)).select_from(new_job))
-    return int(row.one()[0])
+    columns = tuple(name for name in _COPY_ORDER if name in values)
+    if wakeup is not None:
+        values["channel"], values["payload"] = wakeup
+    row = bind.execute(_insert_statement(columns, notify=wakeup is not None), values).first()
+    assert row is not None  # INSERT ... RETURNING one row
+    return int(row[0])
+
+
+_COLUMN_TYPES = {
+    "job_class": "text",
+    "args": "json",
+    "queue": "text",
+    "priority": "smallint",
+    "run_at": "timestamptz",
+}
+
+
+@functools.cache
+def _insert_statement(columns: tuple[str, ...], *, notify: bool) -> TextClause:
+    """The single-job INSERT for a set of given columns (names from the fixed list above),
+    with the wake-up riding in the same statement, and round trip, when ``notify``.
+
+    Built once per shape, so that SQLAlchemy's compiled cache serves every call."""
+    names = ", ".join(columns)
+    binds = ", ".join(f"CAST(:{name} AS {_COLUMN_TYPES[name]})" for name in columns)
+    insert_sql = f"INSERT INTO que_jobs ({names}) VALUES ({binds}) RETURNING job_id"
+    if not notify:
+        return text(insert_sql)
+    return text(
+        f"WITH new_job AS ({insert_sql}) "
+        "SELECT new_job.job_id, pg_notify(:channel, :payload) FROM new_job"
+    )
 
 
 def _connection_of(bind: Bind) -> Connection:
