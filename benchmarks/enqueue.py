@@ -8,6 +8,9 @@ every enqueue does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
@@ -33,34 +36,45 @@ def _core_loop(connection: Connection, jobs: int) -> None:
         connection.commit()
 
 
-def run_session(database: BenchDatabase, *, jobs: int) -> Run:
-    """``session.add(enqueue(...))`` and ``session.commit()``, ``jobs`` times, one Session."""
+def _bulk(connection: Connection, jobs: int) -> None:
+    insert_jobs(connection, (enqueue(JOB_CLASS, index) for index in range(jobs)))
+    connection.commit()
+
+
+def _bulk_many(connection: Connection, jobs: int) -> None:
+    insert_many(connection, JOB_CLASS, ([index] for index in range(jobs)))
+    connection.commit()
+
+
+def _timed(
+    database: BenchDatabase,
+    jobs: int,
+    body: Callable[[Any, int], None],
+    *,
+    session: bool = False,
+) -> Run:
+    """Warm ``body`` up on one connection (or Session), empty the table, then time it."""
     engine = database.engine(pool_size=1)
     try:
-        with Session(engine) as session:
-            _session_loop(session, _WARM_UP)
+        with Session(engine) if session else engine.connect() as bind:
+            body(bind, _WARM_UP)
             database.truncate()
             start = take(database.server_cpu)
-            _session_loop(session, jobs)
+            body(bind, jobs)
             end = take_end(database.server_cpu)
     finally:
         engine.dispose()
     return _checked(database, start, end, jobs)
+
+
+def run_session(database: BenchDatabase, *, jobs: int) -> Run:
+    """``session.add(enqueue(...))`` and ``session.commit()``, ``jobs`` times, one Session."""
+    return _timed(database, jobs, _session_loop, session=True)
 
 
 def run_core(database: BenchDatabase, *, jobs: int) -> Run:
     """``insert_job(connection, ...)`` and ``connection.commit()``, ``jobs`` times."""
-    engine = database.engine(pool_size=1)
-    try:
-        with engine.connect() as connection:
-            _core_loop(connection, _WARM_UP)
-            database.truncate()
-            start = take(database.server_cpu)
-            _core_loop(connection, jobs)
-            end = take_end(database.server_cpu)
-    finally:
-        engine.dispose()
-    return _checked(database, start, end, jobs)
+    return _timed(database, jobs, _core_loop)
 
 
 def run_bulk(database: BenchDatabase, *, jobs: int) -> Run:
@@ -69,37 +83,13 @@ def run_bulk(database: BenchDatabase, *, jobs: int) -> Run:
     The jobs are built by :func:`~sqlalchemy_que.enqueue` inside the timed part, as an
     application builds them.
     """
-    engine = database.engine(pool_size=1)
-    try:
-        with engine.connect() as connection:
-            insert_jobs(connection, (enqueue(JOB_CLASS, index) for index in range(_WARM_UP)))
-            connection.commit()
-            database.truncate()
-            start = take(database.server_cpu)
-            insert_jobs(connection, (enqueue(JOB_CLASS, index) for index in range(jobs)))
-            connection.commit()
-            end = take_end(database.server_cpu)
-    finally:
-        engine.dispose()
-    return _checked(database, start, end, jobs)
+    return _timed(database, jobs, _bulk)
 
 
 def run_bulk_many(database: BenchDatabase, *, jobs: int) -> Run:
     """``insert_many(connection, JOB_CLASS, ([index] for ...))`` for ``jobs`` jobs, one
     commit: the bulk form for many jobs of one class."""
-    engine = database.engine(pool_size=1)
-    try:
-        with engine.connect() as connection:
-            insert_many(connection, JOB_CLASS, ([index] for index in range(_WARM_UP)))
-            connection.commit()
-            database.truncate()
-            start = take(database.server_cpu)
-            insert_many(connection, JOB_CLASS, ([index] for index in range(jobs)))
-            connection.commit()
-            end = take_end(database.server_cpu)
-    finally:
-        engine.dispose()
-    return _checked(database, start, end, jobs)
+    return _timed(database, jobs, _bulk_many)
 
 
 def _checked(database: BenchDatabase, start: Snapshot, end: Snapshot, jobs: int) -> Run:
