@@ -21,6 +21,7 @@ at schema version 3 is adopted as it is; a Que 1.x/2.x table is refused.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -92,14 +93,7 @@ def migrate(bind: Engine | Connection, *, revision: str = "heads") -> None:
     :raises UnsupportedSchemaError: when ``que_jobs`` is a Que 1.x/2.x table.
     :raises SchemaError: when ``que_jobs`` is something else this library cannot adopt.
     """
-    if isinstance(bind, Engine):
-        with bind.begin() as connection:
-            migrate(connection, revision=revision)
-        return
-    bind.execute(_MIGRATION_LOCK)
-    config = _config()
-    config.attributes["connection"] = bind
-    command.upgrade(config, revision)
+    _run_standalone(bind, command.upgrade, revision)
 
 
 def downgrade(bind: Engine | Connection, *, revision: str = "base") -> None:
@@ -107,14 +101,22 @@ def downgrade(bind: Engine | Connection, *, revision: str = "base") -> None:
 
     Refuses to drop ``que_jobs`` while it holds jobs.
     """
+    _run_standalone(bind, command.downgrade, revision)
+
+
+def _run_standalone(
+    bind: Engine | Connection, action: Callable[[Config, str], None], revision: str
+) -> None:
+    """Run an Alembic command on our own environment, in the caller's transaction (a
+    Connection) or in one of its own (an Engine), serialised with other migrations."""
     if isinstance(bind, Engine):
         with bind.begin() as connection:
-            downgrade(connection, revision=revision)
+            _run_standalone(connection, action, revision)
         return
     bind.execute(_MIGRATION_LOCK)
     config = _config()
     config.attributes["connection"] = bind
-    command.downgrade(config, revision)
+    action(config, revision)
 
 
 def migrate_sql(*, revision: str = "heads") -> str:
