@@ -25,8 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sqlalchemy_que.locking import LOCK_NEXT_JOB, RECHECK_JOB, UNLOCK_JOB
-from sqlalchemy_que.worker import DELETE_JOB
+from sqlalchemy_que import _sql
 
 from .database import JOB_CLASS, BenchDatabase
 from .measure import Run, take, take_end
@@ -39,6 +38,15 @@ __all__ = [
     "run_cycle",
     "run_insert",
 ]
+
+#: The per-job cycle's statements in ``:name`` form (pgbench variables): the batched lock
+#: statement asked for one job, and the statements about one job by its full key.
+_LOCK_ONE = _sql.LOCK_JOBS.sql.decode().replace("$1", "''").replace("$2::int", "1")
+_LOCK_ONE = _LOCK_ONE.replace("(found).run_at::text", "(found).run_at::text AS run_at_key")
+_KEY = "queue = :queue AND priority = :priority AND run_at = :run_at_key AND job_id = :job_id"
+RECHECK_SQL = f"SELECT 1 FROM que_jobs WHERE {_KEY}"
+DELETE_SQL = f"DELETE FROM que_jobs WHERE {_KEY}"
+UNLOCK_SQL = "SELECT pg_advisory_unlock(:job_id)"
 
 #: The prefix of the variables ``\gset`` captures from the locked row.
 _PREFIX = "j_"
@@ -60,20 +68,20 @@ def _to_pgbench(sql: str) -> str:
 
 def cycle_script() -> str:
     """The pgbench script of one worker cycle (lock, re-check, delete, commit, unlock)."""
-    lock = LOCK_NEXT_JOB.text.strip().replace(":queue", "''")
-    if _BIND.search(lock):
-        raise RuntimeError(f"the lock query has bind parameters other than :queue:\n{lock}")
-    recheck = _to_pgbench(RECHECK_JOB.text)
+    lock = _LOCK_ONE.strip()
+    if _BIND.search(lock) or "$" in lock:
+        raise RuntimeError(f"the lock query has parameters left:\n{lock}")
+    recheck = _to_pgbench(RECHECK_SQL)
     return "\n".join(
         [
             f"{lock} \\gset {_PREFIX}",
             f"SELECT count(*) AS {_PREFIX}found FROM ({recheck}) AS recheck \\gset",
             f"\\if :{_PREFIX}found",
             "BEGIN;",
-            f"{_to_pgbench(DELETE_JOB.text)};",
+            f"{_to_pgbench(DELETE_SQL)};",
             "COMMIT;",
             "\\endif",
-            f"{_to_pgbench(UNLOCK_JOB.text)};",
+            f"{_to_pgbench(UNLOCK_SQL)};",
             "",
         ]
     )

@@ -20,9 +20,9 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
         ["downgrade", "migrate_sql", "VERSION_TABLE"],
     ),
     (
-        "sqlalchemy_que.locking",
-        "Locking (sqlalchemy_que.locking)",
-        ["recheck_job", "LOCK_ATTEMPTS"],
+        "sqlalchemy_que.worker",
+        "Workers (sqlalchemy_que.worker)",
+        ["Completion", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_HOLD"],
     ),
     (
         "sqlalchemy_que.cli",

@@ -13,6 +13,7 @@ The public names are re-exported here; see the documentation in ``docs/`` for th
 
 from __future__ import annotations
 
+from ._pool import WorkerPool
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     InvalidJobError,
@@ -23,16 +24,17 @@ from .errors import (
     WorkerError,
 )
 from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
-from .locking import LockedJob, lock_job, unlock_job
+from .locking import JobLock, LockedJob, locked_job
 from .model import QueJob, metadata
 from .schema import check_schema, migrate, migrations_path, schema_version, version_location
 from .stats import JobStats, WorkerState, clear, job_stats, worker_states
-from .worker import Worker, WorkerPool, format_last_error
+from .worker import Worker, format_last_error
 
 __all__ = [
     "InvalidJobError",
     "JobContext",
     "JobDefinition",
+    "JobLock",
     "JobRegistry",
     "JobStats",
     "LockedJob",
@@ -55,12 +57,11 @@ __all__ = [
     "insert_many",
     "job",
     "job_stats",
-    "lock_job",
+    "locked_job",
     "metadata",
     "migrate",
     "migrations_path",
     "schema_version",
-    "unlock_job",
     "version_location",
     "worker_states",
 ]

@@ -36,11 +36,11 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from . import schema, stats
+from ._pool import WorkerPool
 from .enqueue import insert_job
 from .errors import QueError
 from .jobs import JobDefinition, JobRegistry
 from .locking import LockedJob
-from .worker import WorkerPool
 
 __all__ = ["load_handlers", "main", "normalise_database_url"]
 

@@ -26,12 +26,12 @@ from sqlalchemy import Engine, create_engine, delete, select, text
 from sqlalchemy.engine import URL
 
 from . import schema
+from ._pool import WorkerPool
 from .enqueue import enqueue, insert_jobs
 from .jobs import JobContext, JobRegistry
 from .model import QueJob
 from .stats import job_stats
 from .testing import temporary_postgres
-from .worker import WorkerPool
 
 __all__ = ["DemoResult", "run_demo"]
 

@@ -72,10 +72,12 @@ from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
+from ._pool import WorkerPool
 from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
 from .errors import QueError, WorkerError
 from .jobs import JobContext, JobRegistry
-from .worker import ErrorReporter, Handlers, WorkerPool, _registry
+from .worker import ErrorReporter, Handlers
+from .worker import registry_of as _registry
 
 __all__ = ["Que"]
 

@@ -34,7 +34,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from .enqueue import Bind, check_priority, enqueue, insert_job
-from .errors import InvalidJobError
+from .errors import InvalidJobError, QueError
 from .model import QueJob
 
 __all__ = [
@@ -67,18 +67,26 @@ class JobContext:
     * :attr:`connection`, the worker's locked connection, inside the job's transaction;
     * :attr:`session`, a ``Session`` on that same transaction, made on first use.
 
-    What the handler writes through either commits in the same transaction as the job's
-    ``DELETE``, or is rolled back when the handler raises: a job's effects and its completion
-    are atomic. The session works in a savepoint of the job's transaction: its ``commit()``
-    keeps the handler's changes for the worker's final commit, and its ``rollback()`` undoes
-    the handler's changes since the last ``commit()`` without failing the job. Never commit
-    or roll back :attr:`connection` itself: that would end the job's transaction.
+    The job's transaction opens when the handler first uses either (a handler that never
+    touches the database costs no transaction of its own). What the handler writes through
+    them commits in the same transaction as the job's ``DELETE``, or is rolled back when the
+    handler raises: a job's effects and its completion are atomic. The session works in a
+    savepoint of the job's transaction: its ``commit()`` keeps the handler's changes for the
+    worker's final commit, and its ``rollback()`` undoes the handler's changes since the
+    last ``commit()`` without failing the job. ``commit()`` and ``rollback()`` on
+    :attr:`connection` itself are refused while the job runs: they would end the job's
+    transaction half-way.
+
+    :param connection: the Connection to hand out (a unit test may pass one of its own), or
+        None with ``open_connection`` to open it on first use.
+    :param open_connection: called once, on the first use of :attr:`connection`.
     """
 
     __slots__ = (
+        "_connection",
+        "_open_connection",
         "_session",
         "args",
-        "connection",
         "error_count",
         "job_class",
         "job_id",
@@ -99,7 +107,8 @@ class JobContext:
         error_count: int,
         last_error: str | None,
         args: list[Any],
-        connection: Connection,
+        connection: Connection | None = None,
+        open_connection: Callable[[], Connection] | None = None,
     ) -> None:
         self.job_id = job_id
         self.job_class = job_class
@@ -109,8 +118,24 @@ class JobContext:
         self.error_count = error_count
         self.last_error = last_error
         self.args = args
-        self.connection = connection
+        self._connection = connection
+        self._open_connection = open_connection
         self._session: Session | None = None
+
+    @property
+    def connection(self) -> Connection:
+        """The worker's locked connection, inside the job's transaction (opened on first
+        use)."""
+        if self._connection is None:
+            if self._open_connection is None:
+                raise QueError("this JobContext was made without a connection")
+            self._connection = self._open_connection()
+        return self._connection
+
+    @property
+    def touched_database(self) -> bool:
+        """True once the handler has asked for :attr:`connection` or :attr:`session`."""
+        return self._connection is not None and self._open_connection is not None
 
     @property
     def session(self) -> Session:

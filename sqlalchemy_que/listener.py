@@ -1,15 +1,16 @@
 """Instant wake-up, the receiving side: one listening connection per worker pool.
 
 A :class:`Listener` holds a dedicated connection (made as the Engine makes its connections,
-then detached from its pool, so never one of the workers'), ``LISTEN``\\ s on the channel of its
-queue (see :mod:`sqlalchemy_que.notify`), and calls ``wake`` when a job is ready: at once for a
-job due now, or when its ``run_at`` comes for a job due within the next hour (a timer), so
-that a scheduled job starts on time rather than at the next poll.
+by a private copy of its pool, so never one of the workers'), ``LISTEN``\\ s on the channel of
+each of its queues (see :mod:`sqlalchemy_que.notify`), and calls ``wake(queue)`` when a job is
+ready: at once for a job due now, or when its ``run_at`` comes for a job due within the next
+hour (a timer), so that a scheduled job starts on time rather than at the next poll.
 
 Polling stays the safety net: a lost notification (the listening connection dropped, a job
-from Ruby, Go or raw SQL) only means the job is found at the next poll. A lost connection is
-reopened with a growing pause (0.1 s doubling up to 30 s), logged, and the pool is woken once
-when it is back, in case something was missed meanwhile.
+from Ruby, Go or raw SQL) only means the job is found at the next poll. Each time the
+listening connection is (re)established, every queue is woken once, in case a job was
+committed before the ``LISTEN`` took effect. A lost connection is reopened with a growing
+pause (0.1 s doubling up to 30 s), logged.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -39,25 +40,34 @@ _TICK = 0.25  # the longest the listener waits before looking at timers and stop
 
 
 class Listener:
-    """Listens for jobs of ``queue`` and calls ``wake()`` when one is (or becomes) ready.
+    """Listens for jobs of ``queues`` and calls ``wake(queue)`` when one is (or becomes)
+    ready; ``queue`` is None when it cannot tell which.
 
-    :param engine: whose URL and connection arguments the listening connection uses.
-    :param queue: the queue to listen for.
+    :param engine: whose URL, connection arguments and connect events the listening
+        connection uses.
+    :param queues: the queues to listen for.
     :param wake: called from the listener's thread when a job is ready.
     """
 
-    def __init__(self, engine: Engine, queue: str, wake: Callable[[], object]) -> None:
+    def __init__(
+        self, engine: Engine, queues: Sequence[str], wake: Callable[[str | None], object]
+    ) -> None:
         self.engine = engine
-        self.queue = queue
-        self.channel = channel_for(queue)
+        self.queues = tuple(queues)
+        self.channels = {channel_for(queue): queue for queue in self.queues}
         self._wake = wake
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._timers: list[float] = []  # a heap of monotonic times at which to wake
+        self._timers: list[tuple[float, str]] = []  # a heap of (monotonic time, queue)
         self._connection: psycopg.Connection[Any] | None = None
         self.connected = threading.Event()
         #: How many notifications arrived (for tests and monitoring).
         self.received = 0
+
+    @property
+    def channel(self) -> str:
+        """The channel of the first queue."""
+        return channel_for(self.queues[0])
 
     def start(self) -> None:
         self._thread = threading.Thread(
@@ -72,17 +82,23 @@ class Listener:
 
     def _connect(self) -> psycopg.Connection[Any]:
         # A connection made exactly as the Engine makes them (its URL, connect_args,
-        # creator, connect events), then detached: the pool forgets it and it is ours.
-        fairy = self.engine.raw_connection()
-        connection = fairy.driver_connection
-        if not isinstance(connection, psycopg.Connection):
-            fairy.close()
-            raise psycopg.InterfaceError("the listener needs the psycopg driver")
-        fairy.detach()
+        # creator, connect events), by a copy of its pool, so that it never waits for one of
+        # the connections the workers hold; then detached: it is ours.
+        pool = self.engine.pool.recreate()
+        try:
+            fairy = pool.connect()
+            connection = fairy.driver_connection
+            if not isinstance(connection, psycopg.Connection):
+                fairy.close()
+                raise psycopg.InterfaceError("the listener needs the psycopg driver")
+            fairy.detach()
+        finally:
+            pool.dispose()
         try:
             connection.autocommit = True
             connection.execute("SET application_name = 'sqlalchemy-que listener'")
-            connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+            for channel in self.channels:
+                connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except BaseException:
             connection.close()
             raise
@@ -99,15 +115,18 @@ class Listener:
                     "cannot open the listening connection, retrying in %.1fs: %s",
                     backoff,
                     error,
-                    extra={"queue": self.queue, "backoff": backoff},
+                    extra={"queues": list(self.queues), "backoff": backoff},
                 )
                 self._stopping.wait(backoff)
                 continue
             if backoff:
-                logger.info("listening again for queue %r", self.queue)
-                self._wake()  # something may have been enqueued while we were away
+                logger.info("listening again for queue(s) %s", list(self.queues))
             backoff = 0.0
             self.connected.set()
+            # A job committed before LISTEN took effect sent its notification to nobody:
+            # look once now rather than at the next poll.
+            for queue in self.queues:
+                self._wake(queue)
             try:
                 self._listen(self._connection)
             except Exception as error:
@@ -115,7 +134,7 @@ class Listener:
                 logger.warning(
                     "the listening connection was lost, reconnecting: %s",
                     error,
-                    extra={"queue": self.queue},
+                    extra={"queues": list(self.queues)},
                 )
             finally:
                 self.connected.clear()
@@ -127,18 +146,21 @@ class Listener:
     def _listen(self, connection: psycopg.Connection[Any]) -> None:
         while not self._stopping.is_set():
             now = time.monotonic()
-            while self._timers and self._timers[0] <= now:
-                heapq.heappop(self._timers)
-                self._wake()
-            timeout = _TICK if not self._timers else min(_TICK, self._timers[0] - now)
+            while self._timers and self._timers[0][0] <= now:
+                _, queue = heapq.heappop(self._timers)
+                self._wake(queue)
+            timeout = _TICK if not self._timers else min(_TICK, self._timers[0][0] - now)
             for notification in connection.notifies(timeout=max(timeout, 0.0)):
                 self.received += 1
-                self._on_notification(notification.payload)
+                self._on_notification(notification.channel, notification.payload)
 
-    def _on_notification(self, payload: str) -> None:
+    def _on_notification(self, channel: str, payload: str) -> None:
+        queue = self.channels.get(channel)
+        if queue is None:
+            return
         run_at = parse_payload(payload)
         delay = 0.0 if run_at is None else run_at - time.time()
         if delay <= 0.0:
-            self._wake()
+            self._wake(queue)
         elif delay <= TIMER_HORIZON:
-            heapq.heappush(self._timers, time.monotonic() + delay)
+            heapq.heappush(self._timers, (time.monotonic() + delay, queue))

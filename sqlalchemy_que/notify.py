@@ -74,6 +74,10 @@ def pending_wakeup(
     """The ``(channel, payload)`` to notify for a job of ``queue`` due at ``run_at`` (None:
     now), or None when this transaction already announced one as early. The caller must
     send it in this transaction; it is counted as sent."""
+    if getattr(connection.connection.driver_connection, "autocommit", False):
+        # Every statement is a transaction of its own (an AUTOCOMMIT Engine): each job's
+        # wake-up goes with it, since no later one shares its commit.
+        return channel_for(queue), _payload(queue, _epoch(run_at))
     # Begin now if the caller's Connection has not yet (commit-as-you-go autobegins only at
     # the first statement): the state below belongs to this very transaction, or to the
     # innermost savepoint, since a savepoint rolled back takes its notifications with it.

@@ -25,7 +25,6 @@ from typing import IO, Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, event, make_url, text
-from sqlalchemy.exc import DBAPIError
 
 import sqlalchemy_que
 from sqlalchemy_que import (
@@ -36,11 +35,9 @@ from sqlalchemy_que import (
     enqueue,
     insert_jobs,
     job,
-    lock_job,
-    unlock_job,
+    locked_job,
     worker_states,
 )
-from sqlalchemy_que.worker import DELETE_JOB
 
 from .conftest import wait_for
 from .helpers import add_job, held_job_locks, job_rows, past
@@ -439,24 +436,17 @@ def test_a_worker_that_lost_its_session_does_not_touch_a_job_another_worker_now_
                 text("SELECT pg_terminate_backend(:pid)"), {"pid": state.pg_backend_pid}
             ).scalar_one()
         wait_for(lambda: held_job_locks(engine) == [], message="the killed session's lock to go")
-        with engine.connect() as other:
-            taken = lock_job(other, "")  # another worker takes the now unlocked job
-            assert taken is not None and taken.job_id == job_id
-            try:
-                terminated.set()
-                assert reported.wait(10), "the first worker did not finish failing the job"
-                (row,) = job_rows(engine)
-                assert (row["error_count"], row["run_at"], row["last_error"]) == (
-                    0,
-                    before["run_at"],
-                    None,
-                ), "the row was changed by a worker that no longer held its lock"
-                completed = other.execute(DELETE_JOB, taken.key).rowcount
-                other.commit()
-                assert completed == 1, "the other worker's completion matched nothing"
-            finally:
-                unlock_job(other, job_id)
-                other.commit()
+        with locked_job(engine) as taken:  # another worker takes the now unlocked job
+            assert taken is not None and taken.job.job_id == job_id
+            terminated.set()
+            assert reported.wait(10), "the first worker did not finish failing the job"
+            (row,) = job_rows(engine)
+            assert (row["error_count"], row["run_at"], row["last_error"]) == (
+                0,
+                before["run_at"],
+                None,
+            ), "the row was changed by a worker that no longer held its lock"
+            assert taken.complete(), "the other worker's completion matched nothing"
     finally:
         terminated.set()
         worker.stop()
@@ -466,48 +456,47 @@ def test_a_worker_that_lost_its_session_does_not_touch_a_job_another_worker_now_
     assert job_rows(engine) == []
 
 
-def test_a_ready_row_the_driver_cannot_read_leaves_no_lock_on_a_pooled_connection(
-    engine: Engine, database_url: str
+@pytest.mark.parametrize("run_at", ["-infinity", "0001-01-01 00:00+14"])
+def test_a_ready_row_the_driver_cannot_read_is_failed_by_its_key_and_stalls_nothing(
+    engine: Engine, database_url: str, run_at: str
 ) -> None:
-    """A connection must never go back to the pool holding a job lock (contract section 3).
-
-    Fails today: ``run_at = '-infinity'`` (valid in PostgreSQL, ready, and first in line) is
-    locked by the server inside the lock query, then psycopg cannot turn it into a
-    ``datetime`` and raises ``DataError``. ``lock_job`` only invalidates the connection for
-    errors after the lock query, so this one goes back to the pool with the lock held: the
-    job shows as working forever and the pooled session re-takes (stacks) the lock on every
-    attempt.
-    """
+    """A row whose ``run_at`` no Python datetime holds (``-infinity`` written by Ruby or SQL;
+    year 1 in a zone east of UTC) is first in line. It must not stall the queue nor leave a
+    lock on a pooled connection: it is failed by its exact key with a clear ``last_error``,
+    which reschedules it from now, and the jobs behind it are worked."""
     with engine.begin() as connection:
         poison = connection.execute(
             text(
-                "INSERT INTO que_jobs (job_class, run_at) VALUES ('Poison', '-infinity') "
-                "RETURNING job_id"
-            )
+                "INSERT INTO que_jobs (job_class, run_at) "
+                "VALUES ('Poison', CAST(:run_at AS timestamptz)) RETURNING job_id"
+            ),
+            {"run_at": run_at},
         ).scalar_one()
-    add_job(engine, "Fine")
+    fine = add_job(engine, "Fine")
+    worked: list[int] = []
+
+    def record(job: JobContext) -> None:
+        worked.append(job.job_id)
+
     worker_engine = create_engine(database_url, pool_size=1, max_overflow=0)
     try:
-        worker = Worker(worker_engine, {"Poison": lambda _job: None, "Fine": lambda _job: None})
-        with pytest.raises(DBAPIError):
-            worker.work_one()
+        worker = Worker(worker_engine, {"Poison": record, "Fine": record})
+        assert worker.run(burst=True) == 2
+        assert worked == [fine], "the unreadable job was run, or the one behind it was not"
+        (row,) = job_rows(engine)
+        assert row["job_id"] == poison and row["error_count"] == 1
+        assert "cannot be represented" in row["last_error"].split("\n")[0]
+        assert 0 < row["run_in"] < 10, "the failed job was not rescheduled from now"
         with worker_engine.connect() as pooled:
-            locks_of_pooled_session = (
-                pooled.execute(
-                    text(
-                        "SELECT (classid::bigint << 32) + objid::bigint FROM pg_locks "
-                        "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
-                    )
+            mine = pooled.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks "
+                    "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
                 )
-                .scalars()
-                .all()
-            )
-        assert locks_of_pooled_session == [], (
-            f"job {poison}'s lock went back to the pool with the connection"
-        )
-        wait_for(lambda: held_job_locks(engine) == [], timeout=5, message="no job lock left")
+            ).scalar_one()
+        assert mine == 0, f"job {poison}'s lock went back to the pool with the connection"
     finally:
-        worker_engine.dispose()  # ends the pooled session, and any lock it holds
+        worker_engine.dispose()
 
 
 # -- 4. jobs written by Ruby Que 0.14.3 and que-go -------------------------------------------
@@ -819,15 +808,19 @@ def test_stopping_a_pool_of_sleeping_workers_returns_promptly(
     pool = WorkerPool(pool_engine, {}, workers=2, wake_interval=60)
     try:
         pool.start()
-        # The schema check, then one empty look per worker; each then sleeps for 60 s.
-        wait_for(lambda: len(checkins) >= 3, message="both workers to find nothing and sleep")
+        # The schema check, then one empty look per worker, and one more by the worker the
+        # listener wakes once it listens; each then sleeps for 60 s.
+        assert pool.listener is not None and pool.listener.connected.wait(10)
+        wait_for(lambda: len(checkins) >= 4, message="both workers to find nothing")
+        wait_for(lambda: all(w.sleeping for w in pool.workers), message="both asleep")
+        looked = len(checkins)
         assert pool.is_alive()
         began = time.monotonic()
         assert pool.shutdown(timeout=10) == []
         took = time.monotonic() - began
         assert not pool.is_alive()
         assert took < 2, took
-        assert len(checkins) == 3  # nobody looked for a job again on the way out
+        assert len(checkins) == looked  # nobody looked for a job again on the way out
     finally:
         pool.shutdown(timeout=5)
         pool_engine.dispose()

@@ -1,0 +1,170 @@
+"""The statements a worker sends about its jobs, named, in one place.
+
+They run on the driver connection of a :class:`~sqlalchemy_que._session.LockedSession`
+(libpq's extended protocol, ``$n`` parameters in text format), most of them as statements the
+server has prepared once per session. Each is written so that PostgreSQL evaluates
+``pg_try_advisory_lock`` and ``pg_advisory_unlock`` exactly once per row it is meant for,
+whatever plan it picks (a generic plan included).
+
+``run_at`` travels as text between the server and the worker (``run_at_key``): the server's
+own spelling of the instant, which it reads back exactly, and which never fails to decode,
+even for ``-infinity`` or a year the client's datetime cannot hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Statement"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Statement:
+    """A named statement: the name it is prepared under and its text."""
+
+    name: bytes
+    sql: bytes
+
+
+def _statement(name: str, sql: str) -> Statement:
+    return Statement(f"sqlalchemy_que_{name}".encode(), " ".join(sql.split()).encode())
+
+
+# (The walk's row column is not named j: an unqualified j inside its subqueries would then
+# mean that column rather than the que_jobs row.)
+# The columns every statement that hands out a job returns, in LockedJob's field order. The
+# run_at column is only decoded when it certainly fits a Python datetime in any time zone;
+# run_at_key always carries the exact value.
+_JOB_COLUMNS = """
+    (found).queue, (found).priority,
+    CASE WHEN (found).run_at BETWEEN '0002-01-01 00:00+00' AND '9998-12-31 00:00+00'
+         THEN (found).run_at END,
+    (found).job_id, (found).job_class, (found).args::text, (found).error_count,
+    (found).last_error, (found).run_at::text
+"""
+
+#: Lock up to ``$2`` ready jobs of queue ``$1``. A recursive walk along the primary key in
+#: ``(priority, run_at, job_id)`` order: each step fetches the one next row in a subquery with
+#: LIMIT 1, then tries its lock one level up, behind an ``OFFSET 0`` fence that keeps the
+#: planner from flattening that level (which could evaluate the lock function once per
+#: reference to its result). So each visited row's lock is tried exactly once, rows other
+#: sessions hold are stepped over, and the walk stops once ``$2`` locks are taken or the
+#: ready rows run out. Only the rows it locked are returned.
+LOCK_JOBS = _statement(
+    "lock_jobs",
+    f"""
+WITH RECURSIVE walk (found, locked, taken) AS (
+    SELECT l.found, l.locked, l.locked::int
+    FROM (
+        SELECT t.found, pg_try_advisory_lock((t.found).job_id) AS locked
+        FROM (
+            SELECT j AS found FROM que_jobs AS j
+            WHERE j.queue = $1 AND j.run_at <= now()
+            ORDER BY j.priority, j.run_at, j.job_id
+            LIMIT 1
+        ) AS t
+        OFFSET 0
+    ) AS l
+    UNION ALL
+    SELECT l.found, l.locked, l.taken + l.locked::int
+    FROM (
+        SELECT t.found, pg_try_advisory_lock((t.found).job_id) AS locked, t.taken
+        FROM (
+            SELECT (
+                SELECT j FROM que_jobs AS j
+                WHERE j.queue = $1 AND j.run_at <= now()
+                  AND (j.priority, j.run_at, j.job_id)
+                      > ((w.found).priority, (w.found).run_at, (w.found).job_id)
+                ORDER BY j.priority, j.run_at, j.job_id
+                LIMIT 1
+            ) AS found, w.taken
+            FROM walk AS w
+            WHERE w.taken < $2::int
+            LIMIT 1
+        ) AS t
+        WHERE (t.found).job_id IS NOT NULL
+        OFFSET 0
+    ) AS l
+)
+SELECT {_JOB_COLUMNS} FROM walk WHERE locked
+""",
+)
+
+#: The rows of the given full keys (queue ``$1``; priorities, run_at texts and ids as arrays)
+#: that still exist, read in a statement of its own (a snapshot newer than the lock's).
+RECHECK_JOBS = _statement(
+    "recheck_jobs",
+    """
+SELECT j.job_id FROM que_jobs AS j
+WHERE j.queue = $1
+  AND (j.priority, j.run_at, j.job_id) IN (
+      SELECT * FROM unnest($2::smallint[], $3::timestamptz[], $4::bigint[]))
+""",
+)
+
+#: Release the given job locks; one row per id, true where this session held it.
+UNLOCK_JOBS = _statement(
+    "unlock_jobs",
+    "SELECT pg_advisory_unlock(id) FROM unnest($1::bigint[]) AS t(id)",
+)
+
+UNLOCK_JOB = _statement("unlock_job", "SELECT pg_advisory_unlock($1::bigint)")
+
+#: Complete one job: delete it by its full key.
+DELETE_JOB = _statement(
+    "delete_job",
+    "DELETE FROM que_jobs "
+    "WHERE queue = $1 AND priority = $2 AND run_at = $3::timestamptz AND job_id = $4",
+)
+
+#: Complete several jobs of one queue at once (batched completion).
+DELETE_JOBS = _statement(
+    "delete_jobs",
+    """
+DELETE FROM que_jobs AS j
+WHERE j.queue = $1
+  AND (j.priority, j.run_at, j.job_id) IN (
+      SELECT * FROM unnest($2::smallint[], $3::timestamptz[], $4::bigint[]))
+""",
+)
+
+#: Record a failure as Que does: one more error, the retry delay, the error text.
+RECORD_ERROR = _statement(
+    "record_error",
+    "UPDATE que_jobs "
+    "SET error_count = error_count + 1, "
+    "    run_at = now() + make_interval(secs => $5::float8), "
+    "    last_error = $6 "
+    "WHERE queue = $1 AND priority = $2 AND run_at = $3::timestamptz AND job_id = $4",
+)
+
+#: How many advisory locks of any kind this session holds (job locks and any other).
+COUNT_ADVISORY_LOCKS = _statement(
+    "count_advisory_locks",
+    "SELECT count(*) FROM pg_locks "
+    "WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted",
+)
+
+#: At check-in and after a handler left locks of its own: let go of every advisory lock.
+UNLOCK_ALL = _statement("unlock_all", "SELECT pg_advisory_unlock_all()")
+
+#: At checkout: the session's own idle-in-transaction timeout, which the worker turns off
+#: while it holds the session (restored at check-in): a server that ended the session while
+#: a handler computes in Python would end the job's lock with it.
+TAKE_IDLE_TIMEOUT = _statement(
+    "take_idle_timeout",
+    "SELECT current_setting('idle_in_transaction_session_timeout'), "
+    "set_config('idle_in_transaction_session_timeout', '0', false)",
+)
+
+RESTORE_IDLE_TIMEOUT = _statement(
+    "restore_idle_timeout",
+    "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
+)
+
+BEGIN = b"BEGIN"
+COMMIT = b"COMMIT"
+ROLLBACK = b"ROLLBACK"
+
+#: The statements prepared on a worker's session (the others run unnamed, being rare).
+PREPARED = (LOCK_JOBS, RECHECK_JOBS, UNLOCK_JOBS, UNLOCK_JOB, DELETE_JOB, DELETE_JOBS)
