@@ -2,15 +2,17 @@
 
 Not part of the test run. From the repository root, with the project's virtualenv::
 
-    .venv/bin/python -m benchmarks.run                 # full run: 10-13 minutes on 2 cores
+    .venv/bin/python -m benchmarks.run                 # full run: 10-13 minutes on 2 cores,
+                                                       # several more with the peers installed
     .venv/bin/python -m benchmarks.run --quick         # smoke check: under a minute
     .venv/bin/python -m benchmarks.run --only ceiling,drain --runs 5
     .venv/bin/python -m benchmarks.run --database-url postgresql://me@localhost/bench
 
 Without ``--database-url`` a throwaway PostgreSQL is started
-(:func:`sqlalchemy_que.testing.temporary_postgres`). With one, everything happens in a schema
-of its own (``que_bench``, dropped afterwards), so an existing ``que_jobs`` is never touched;
-the database should be otherwise idle, since job locks are database-wide.
+(:func:`sqlalchemy_que.testing.temporary_postgres`). With one, everything happens in schemas
+of its own (``que_bench``; ``que_bench_pgqueuer`` and ``que_bench_procrastinate`` for the
+peers; all dropped afterwards), so an existing ``que_jobs`` is never touched; the database
+should be otherwise idle, since job locks are database-wide.
 
 Groups (``--only NAME[,NAME]``):
 
@@ -19,10 +21,18 @@ Groups (``--only NAME[,NAME]``):
     ``COPY`` form; jobs/s.
 ``drain``
     pre-enqueued no-op jobs worked to empty by worker threads (1, 2, 4, 8) and by 2 and 4
-    processes of 4 workers; jobs/s.
+    processes of 4 workers; jobs/s. The plan is :data:`benchmarks.drain.PLAN`, one line a
+    figure; entries for WorkerPool options it does not take yet are skipped with a message.
+``peers``
+    the same drain by pgqueuer and procrastinate, each in a schema of its own, through its own
+    API (:mod:`benchmarks.peers`); skipped with a message unless installed
+    (``pip install -e '.[bench-peers]'``). Runs in turns with ``drain``.
 ``ceiling``
-    the same per-job SQL cycle and the same single-row insert run by ``pgbench``, the limit
-    of this design on this machine; every figure above is also given as a ratio to it.
+    the same per-job SQL cycle (1, 2, 4, 8 clients), a batched cycle (100 jobs locked in one
+    statement, deleted in one, unlocked in one; 1 and 4 clients) and the same single-row
+    insert run by ``pgbench``, the limits of this design on this machine; every figure above
+    is also given as a ratio to one of them, and each drain of ours as a ratio to each
+    peer's best.
 ``latency``
     commit of an enqueue to the start of its handler, with LISTEN/NOTIFY and with polling.
 

@@ -10,30 +10,39 @@ Before each run the table is refilled (bulk ``insert_jobs``) and vacuumed. Then 
 
 The table must be empty afterwards; a run that leaves jobs behind is reported on the run
 (its rate counts only the jobs worked).
+
+What is drained is :data:`PLAN`, one :class:`Drain` a line: a figure per worker count, per
+process count and per set of WorkerPool options (``completion``, ``batch_size``...). An entry
+whose options this WorkerPool does not accept yet is skipped with a message.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Engine
 
 from sqlalchemy_que import JobContext, WorkerPool
 
+from . import ceiling
+from .barrier import run_released
 from .database import JOB_CLASS, BenchDatabase
 from .measure import Run, take, take_end
 
-__all__ = ["noop", "open_connections", "run_processes", "run_threads"]
-
-#: Where ``python -m benchmarks...`` finds the package.
-_ROOT = Path(__file__).resolve().parent.parent
-
-#: The longest a multi-process run may take before it is stopped as failed.
-_PROCESS_TIMEOUT = 600.0
+__all__ = [
+    "PLAN",
+    "Drain",
+    "noop",
+    "open_connections",
+    "run_processes",
+    "run_threads",
+    "unsupported_options",
+]
 
 
 def noop(job: JobContext, *args: Any) -> None:
@@ -49,14 +58,129 @@ def open_connections(engine: Engine, count: int) -> None:
         connection.close()
 
 
-def run_threads(database: BenchDatabase, *, workers: int, jobs: int) -> Run:
-    """``jobs`` jobs worked by a burst WorkerPool of ``workers`` threads in this process."""
+def unsupported_options(options: Mapping[str, Any]) -> list[str]:
+    """The names in ``options`` that ``WorkerPool(...)`` does not take (none if it takes
+    ``**kwargs``)."""
+    parameters = inspect.signature(WorkerPool).parameters
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return []
+    return [name for name in options if name not in parameters]
+
+
+@dataclasses.dataclass(frozen=True)
+class Drain:
+    """One drain figure of ours.
+
+    :param workers: worker threads (per process, with ``processes``).
+    :param processes: 0 for threads in this process; else that many processes of
+        ``workers`` threads (:mod:`benchmarks.drain_process`).
+    :param completion: ``WorkerPool(completion=...)``, when given.
+    :param batch_size: ``WorkerPool(batch_size=...)``, when given.
+    """
+
+    workers: int
+    processes: int = 0
+    completion: str | None = None
+    batch_size: int | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The WorkerPool keyword arguments beside ``workers``, ``listen`` and ``check_schema``."""
+        options: dict[str, Any] = {}
+        if self.completion is not None:
+            options["completion"] = self.completion
+        if self.batch_size is not None:
+            options["batch_size"] = self.batch_size
+        return options
+
+    @property
+    def total_workers(self) -> int:
+        return self.workers * max(self.processes, 1)
+
+    @property
+    def key(self) -> str:
+        mode = "".join(
+            [
+                f".{self.completion}" if self.completion is not None else "",
+                f".k{self.batch_size}" if self.batch_size is not None else "",
+            ]
+        )
+        if self.processes:
+            return f"drain{mode}.processes.{self.processes}x{self.workers}"
+        return f"drain{mode}.threads.{self.workers}"
+
+    @property
+    def label(self) -> str:
+        if self.processes:
+            label = f"{self.processes} processes x {self.workers} threads"
+        else:
+            label = f"{self.workers} thread{'s' if self.workers > 1 else ''}, 1 process"
+        options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+        return f"{label}, {options}" if options else label
+
+    @property
+    def ceiling(self) -> str:
+        """The pgbench cycle this figure is compared with: the batched cycle for batched
+        completion, else the per-job cycle; at the most clients measured that are not more
+        than this figure's workers."""
+        clients: tuple[int, ...]
+        if self.completion == "batch":
+            clients = ceiling.BATCH_CLIENTS
+            prefix = "ceiling.batch"
+        else:
+            clients = ceiling.CYCLE_CLIENTS
+            prefix = "ceiling.cycle"
+        fitting = [count for count in clients if count <= self.total_workers]
+        return f"{prefix}.{max(fitting) if fitting else min(clients)}"
+
+    def measure(self, database: BenchDatabase, jobs: int) -> Run:
+        if self.processes:
+            return run_processes(
+                database,
+                processes=self.processes,
+                workers=self.workers,
+                jobs=jobs,
+                options=self.options,
+            )
+        return run_threads(database, workers=self.workers, jobs=jobs, options=self.options)
+
+
+#: Our drains, one a line. Today's defaults first; then the per-job and batched completion
+#: modes, which are skipped (with a message) until WorkerPool takes ``completion``.
+PLAN: tuple[Drain, ...] = (
+    Drain(workers=1),
+    Drain(workers=2),
+    Drain(workers=4),
+    Drain(workers=8),
+    Drain(workers=4, processes=2),
+    Drain(workers=4, processes=4),
+    Drain(workers=1, completion="job"),
+    Drain(workers=4, completion="job"),
+    Drain(workers=8, completion="job"),
+    Drain(workers=4, processes=2, completion="job"),
+    Drain(workers=1, completion="batch"),
+    Drain(workers=4, completion="batch"),
+    Drain(workers=8, completion="batch"),
+    Drain(workers=4, processes=2, completion="batch"),
+)
+
+
+def run_threads(
+    database: BenchDatabase,
+    *,
+    workers: int,
+    jobs: int,
+    options: Mapping[str, Any] | None = None,
+) -> Run:
+    """``jobs`` jobs worked by a burst WorkerPool of ``workers`` threads in this process
+    (``options``: further WorkerPool keyword arguments)."""
+    options = dict(options or {})
     database.refill(jobs)
     engine = database.engine(pool_size=workers + 2)
     try:
         open_connections(engine, workers)
         pool = WorkerPool(
-            engine, {JOB_CLASS: noop}, workers=workers, listen=False, check_schema=False
+            engine, {JOB_CLASS: noop}, workers=workers, listen=False, check_schema=False, **options
         )
         start = take(database.server_cpu)
         pool.start(burst=True)
@@ -69,17 +193,25 @@ def run_threads(database: BenchDatabase, *, workers: int, jobs: int) -> Run:
         start,
         end,
         (jobs - left) / (end.wall - start.wall),
-        detail={"workers": workers, "jobs": jobs, "left_behind": left},
+        detail={"workers": workers, "jobs": jobs, "left_behind": left, "options": options},
     )
 
 
-def run_processes(database: BenchDatabase, *, processes: int, workers: int, jobs: int) -> Run:
+def run_processes(
+    database: BenchDatabase,
+    *,
+    processes: int,
+    workers: int,
+    jobs: int,
+    options: Mapping[str, Any] | None = None,
+) -> Run:
     """``jobs`` jobs worked by ``processes`` processes of ``workers`` worker threads each.
 
     The client CPU is what the processes report for themselves from release to end (their
     start-up excluded); the CPU of the reaped processes over the whole timed span, start-up
     included (``RUSAGE_CHILDREN``), is kept in the run's detail.
     """
+    options = dict(options or {})
     database.refill(jobs)
     argv = [
         sys.executable,
@@ -90,35 +222,9 @@ def run_processes(database: BenchDatabase, *, processes: int, workers: int, jobs
         "--workers",
         str(workers),
     ]
-    children = [
-        subprocess.Popen(argv, cwd=_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for _ in range(processes)
-    ]
-    try:
-        for child in children:
-            assert child.stdout is not None
-            line = child.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"a drain process did not get ready: {line!r}")
-        start = take(database.server_cpu)
-        for child in children:  # the barrier's release
-            assert child.stdin is not None
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        for child in children:
-            child.wait(_PROCESS_TIMEOUT)
-        end = take_end(database.server_cpu)
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-    reports: list[dict[str, Any]] = []
-    for child in children:
-        assert child.stdout is not None
-        if child.returncode != 0:
-            raise RuntimeError(f"a drain process failed with exit code {child.returncode}")
-        reports.append(json.loads(child.stdout.read()))
+    if options:
+        argv += ["--options", json.dumps(options)]
+    start, end, reports = run_released([argv] * processes, database.server_cpu)
     left = database.count()
     run = Run.between(
         start,
@@ -130,6 +236,7 @@ def run_processes(database: BenchDatabase, *, processes: int, workers: int, jobs
             "workers_per_process": workers,
             "jobs": jobs,
             "left_behind": left,
+            "options": options,
             "cpu_children_rusage": end.cpu_children - start.cpu_children,
             "process_reports": reports,
         },

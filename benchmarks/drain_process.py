@@ -1,6 +1,7 @@
 """One worker process of the multi-process drain (see :mod:`benchmarks.drain`).
 
-Run as ``python -m benchmarks.drain_process --url URL --workers N`` from the repository root.
+Run as ``python -m benchmarks.drain_process --url URL --workers N [--options JSON]`` from the
+repository root (``--options``: further WorkerPool keyword arguments, a JSON object).
 It builds a burst WorkerPool of N threads, opens its connections, prints ``ready``, waits
 for a line on stdin (the barrier), works until no job is ready, then prints one line of
 JSON: how long it worked and the CPU seconds it used since its release, and exits at once.
@@ -27,11 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
     parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--options", type=json.loads, default={})
     args = parser.parse_args(argv)
     engine = create_engine(args.url, pool_size=args.workers + 2)
     open_connections(engine, args.workers)
     pool = WorkerPool(
-        engine, {JOB_CLASS: noop}, workers=args.workers, listen=False, check_schema=False
+        engine,
+        {JOB_CLASS: noop},
+        workers=args.workers,
+        listen=False,
+        check_schema=False,
+        **args.options,
     )
     print("ready", flush=True)
     sys.stdin.readline()

@@ -176,6 +176,8 @@ class Figure:
     :param label: the name printed in the table.
     :param unit: ``jobs/s``, ``ms``...
     :param ceiling: the key of the figure this one is compared with, if any.
+    :param library: for a peer queue's figure, the peer library (``pgqueuer``...); None
+        for ours and for the ceilings.
     """
 
     group: str
@@ -183,6 +185,7 @@ class Figure:
     label: str
     unit: str
     ceiling: str | None = None
+    library: str | None = None
     runs: list[Run] = dataclasses.field(default_factory=list)
 
     @property

@@ -1,4 +1,8 @@
-"""Presenting the figures: the printed table, ``results.json`` and the ``drain.png`` chart."""
+"""Presenting the figures: the printed table, ``results.json`` and the ``drain.png`` chart.
+
+Each of our drain figures is given as a ratio to its pgbench ceiling and to the best figure
+of each peer library measured in the same run (``vs pgqueuer``...).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,15 @@ from typing import Any
 
 from .measure import Figure
 
-__all__ = ["format_machine", "format_table", "ratio", "write_chart", "write_json"]
+__all__ = [
+    "best_peers",
+    "format_machine",
+    "format_table",
+    "peer_ratios",
+    "ratio",
+    "write_chart",
+    "write_json",
+]
 
 
 def ratio(figure: Figure, figures: Mapping[str, Figure]) -> float | None:
@@ -23,6 +35,24 @@ def ratio(figure: Figure, figures: Mapping[str, Figure]) -> float | None:
     return figure.median / ceiling.median
 
 
+def best_peers(figures: Sequence[Figure]) -> dict[str, Figure]:
+    """Each peer library's figure with the highest median, by library, in the order met."""
+    best: dict[str, Figure] = {}
+    for figure in figures:
+        if figure.library is None or not figure.runs:
+            continue
+        if figure.library not in best or figure.median > best[figure.library].median:
+            best[figure.library] = figure
+    return best
+
+
+def peer_ratios(figure: Figure, best: Mapping[str, Figure]) -> dict[str, float]:
+    """One of our drain figures over each peer library's best (nothing for other figures)."""
+    if figure.group != "drain" or not figure.runs:
+        return {}
+    return {library: figure.median / peer.median for library, peer in best.items()}
+
+
 def _number(value: float | None, unit: str = "") -> str:
     if value is None:
         return "n/a"
@@ -32,8 +62,10 @@ def _number(value: float | None, unit: str = "") -> str:
 
 
 def format_table(figures: Sequence[Figure]) -> str:
-    """One row per figure: median, min, max, ratio to the ceiling, wall and CPU seconds."""
+    """One row per figure: median, min, max, ratio to the ceiling and to each peer's best,
+    wall and CPU seconds."""
     by_key = {figure.key: figure for figure in figures}
+    best = best_peers(figures)
     header = (
         "group",
         "figure",
@@ -42,6 +74,7 @@ def format_table(figures: Sequence[Figure]) -> str:
         "max",
         "unit",
         "vs ceiling",
+        *(f"vs {library}" for library in best),
         "wall s",
         "client CPU s",
         "PG CPU s",
@@ -51,20 +84,24 @@ def format_table(figures: Sequence[Figure]) -> str:
         if not figure.runs:
             continue
         share = ratio(figure, by_key)
+        versus = peer_ratios(figure, best)
         rows.append(
             (
                 figure.group,
-                figure.label,
+                figure.label + (" (best)" if best.get(figure.library or "") is figure else ""),
                 _number(figure.median, figure.unit),
                 _number(figure.low, figure.unit),
                 _number(figure.high, figure.unit),
                 figure.unit,
                 f"{share:.0%}" if share is not None else "n/a" if figure.ceiling else "",
+                *(f"{versus[library]:.0%}" if library in versus else "" for library in best),
                 _number(figure.median_of("wall")),
                 _number(figure.median_of("cpu_client")),
                 _number(figure.median_of("cpu_server")),
             )
         )
+    if not rows:
+        return "(no figure was measured)"
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     left = {0, 1, 5}
 
@@ -96,17 +133,24 @@ def format_machine(facts: Mapping[str, Any]) -> str:
     )
 
 
-def _summary(figure: Figure, figures: Mapping[str, Figure]) -> dict[str, Any]:
+def _summary(
+    figure: Figure, figures: Mapping[str, Figure], best: Mapping[str, Figure]
+) -> dict[str, Any]:
     return {
         "group": figure.group,
         "key": figure.key,
         "label": figure.label,
         "unit": figure.unit,
+        "library": figure.library,
         "median": figure.median,
         "min": figure.low,
         "max": figure.high,
         "ceiling": figure.ceiling,
         "ratio_to_ceiling": ratio(figure, figures),
+        "ratio_to_peers": {
+            library: {"peer": best[library].key, "ratio": value}
+            for library, value in peer_ratios(figure, best).items()
+        },
         "median_wall_seconds": figure.median_of("wall"),
         "median_client_cpu_seconds": figure.median_of("cpu_client"),
         "median_server_cpu_seconds": figure.median_of("cpu_server"),
@@ -115,84 +159,116 @@ def _summary(figure: Figure, figures: Mapping[str, Figure]) -> dict[str, Any]:
 
 
 def write_json(path: Path, figures: Sequence[Figure], header: Mapping[str, Any]) -> None:
-    """Every figure with its summary and every raw run, after ``header`` (machine, settings)."""
+    """Every figure with its summary and every raw run, after ``header`` (machine, settings);
+    ``best_peers`` names each peer library's best figure, which ``ratio_to_peers`` uses."""
     by_key = {figure.key: figure for figure in figures}
+    best = best_peers(figures)
     document = {
         **header,
-        "figures": [_summary(figure, by_key) for figure in figures if figure.runs],
+        "best_peers": {library: figure.key for library, figure in best.items()},
+        "figures": [_summary(figure, by_key, best) for figure in figures if figure.runs],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def write_chart(path: Path, figures: Sequence[Figure], facts: Mapping[str, Any]) -> bool:
-    """Drain jobs/s against worker threads (median, min..max bars), the pgbench ceiling at
-    the same client counts, and the multi-process runs at their total worker count.
+def _mode(figure: Figure) -> str:
+    """What distinguishes one series of our drains: the key between ``drain`` and
+    ``.threads.``/``.processes.`` (empty for the pool's defaults)."""
+    for part in (".threads.", ".processes."):
+        if part in figure.key:
+            return figure.key[len("drain") : figure.key.index(part)]
+    return figure.key
 
-    :returns: False when no drain figure was measured (nothing is written).
+
+def write_chart(path: Path, figures: Sequence[Figure], facts: Mapping[str, Any]) -> bool:
+    """Drain jobs/s against workers: our thread drains (median, min..max bars) per mode, the
+    multi-process runs at their total worker count, the pgbench ceilings at their client
+    counts, and each peer library's best drain as a horizontal line.
+
+    :returns: False when no drain figure, ours or a peer's, was measured (nothing is written).
     """
-    by_key = {figure.key: figure for figure in figures if figure.runs}
-    threads = sorted(
-        (int(key.rsplit(".", 1)[1]), figure)
-        for key, figure in by_key.items()
-        if key.startswith("drain.threads.")
-    )
-    if not threads:
+    measured = [figure for figure in figures if figure.runs]
+    ours = [figure for figure in measured if figure.group == "drain"]
+    best = best_peers(measured)
+    if not ours and not best:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure_, axes = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    xs = [count for count, _ in threads]
-    medians = [figure.median for _, figure in threads]
-    axes.errorbar(
-        xs,
-        medians,
-        yerr=[
-            [figure.median - figure.low for _, figure in threads],
-            [figure.high - figure.median for _, figure in threads],
-        ],
-        marker="o",
-        capsize=4,
-        label="sqlalchemy-que WorkerPool (threads, one process)",
-    )
-    ceiling = [
-        by_key[f"ceiling.cycle.{count}"] for count in xs if f"ceiling.cycle.{count}" in by_key
-    ]
-    if ceiling:
+    figure_, axes = plt.subplots(figsize=(8.5, 5.4), dpi=120)
+    ticks: set[int] = set()
+
+    def series(
+        points: list[tuple[int, Figure]], label: str, **style: Any
+    ) -> None:  # one line with min..max bars
+        points.sort(key=lambda point: point[0])
+        ticks.update(count for count, _ in points)
         axes.errorbar(
-            [count for count in xs if f"ceiling.cycle.{count}" in by_key],
-            [figure.median for figure in ceiling],
+            [count for count, _ in points],
+            [figure.median for _, figure in points],
             yerr=[
-                [figure.median - figure.low for figure in ceiling],
-                [figure.high - figure.median for figure in ceiling],
+                [figure.median - figure.low for _, figure in points],
+                [figure.high - figure.median for _, figure in points],
             ],
-            linestyle="--",
-            marker="s",
             capsize=4,
-            color="black",
-            label="ceiling: pgbench, same SQL cycle, same client count",
+            label=label,
+            **style,
         )
-    processes = sorted(
-        (figure.runs[0].detail["processes"] * figure.runs[0].detail["workers_per_process"], figure)
-        for key, figure in by_key.items()
-        if key.startswith("drain.processes.")
-    )
-    if processes:
-        axes.plot(
-            [count for count, _ in processes],
-            [figure.median for _, figure in processes],
-            linestyle="none",
-            marker="^",
-            markersize=8,
-            label="processes of 4 threads (at their total workers)",
+
+    modes: dict[str, list[Figure]] = {}
+    for figure in ours:
+        modes.setdefault(_mode(figure), []).append(figure)
+    for mode, members in modes.items():
+        options = mode.strip(".").replace(".", ", ") or "defaults"
+        threads = [
+            (int(figure.runs[0].detail["workers"]), figure)
+            for figure in members
+            if "processes" not in figure.runs[0].detail
+        ]
+        if threads:
+            series(threads, f"sqlalchemy-que, threads in 1 process ({options})", marker="o")
+        processes = [
+            (
+                int(figure.runs[0].detail["processes"])
+                * int(figure.runs[0].detail["workers_per_process"]),
+                figure,
+            )
+            for figure in members
+            if "processes" in figure.runs[0].detail
+        ]
+        if processes:
+            series(
+                processes,
+                f"sqlalchemy-que, processes (at their total workers; {options})",
+                marker="^",
+                markersize=8,
+                linestyle="none",
+            )
+    for prefix, label, marker in (
+        ("ceiling.cycle.", "ceiling: pgbench per-job cycle, same client count", "s"),
+        ("ceiling.batch.", "ceiling: pgbench batched cycle, same client count", "D"),
+    ):
+        ceilings = [
+            (int(figure.key.rsplit(".", 1)[1]), figure)
+            for figure in measured
+            if figure.key.startswith(prefix)
+        ]
+        if ceilings and ours:
+            series(ceilings, label, linestyle="--", marker=marker, color="black")
+    for library, peer in best.items():
+        axes.axhline(
+            peer.median,
+            linestyle=":",
+            color="tab:red" if library == "pgqueuer" else "tab:purple",
+            label=f"best {peer.label}",
         )
     axes.set_xscale("log", base=2)
-    ticks = sorted({*xs, *(count for count, _ in processes)})
-    axes.set_xticks(ticks, [str(tick) for tick in ticks])
+    if ticks:
+        axes.set_xticks(sorted(ticks), [str(tick) for tick in sorted(ticks)])
     axes.set_ylim(bottom=0)
-    axes.set_xlabel("workers")
+    axes.set_xlabel("workers (threads, processes x threads, pgbench clients)")
     axes.set_ylabel("jobs/s (no-op jobs)")
     axes.set_title(
         f"Drain throughput: {facts['cores']} cores, PostgreSQL "
@@ -200,7 +276,7 @@ def write_chart(path: Path, figures: Sequence[Figure], facts: Mapping[str, Any])
         fontsize=10,
     )
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=7, loc="best")
     figure_.tight_layout()
     figure_.savefig(path)
     plt.close(figure_)

@@ -1,7 +1,9 @@
 """The benchmark command: ``python -m benchmarks.run [options]`` from the repository root.
 
-See :mod:`benchmarks` for what is measured. Within a group the figures take turns (run 1 of
-each, then run 2 of each...), so that a drift of the machine spreads over all of them.
+See :mod:`benchmarks` for what is measured. The groups run in stages (:data:`_STAGES`); within
+a stage the figures take turns (run 1 of each, then run 2 of each...), so that a drift of the
+machine spreads over all of them: our drains and the peers' share a stage, so that their
+ratios are taken from interleaved runs.
 """
 
 from __future__ import annotations
@@ -17,19 +19,17 @@ from pathlib import Path
 
 from sqlalchemy_que.testing import find_postgres_bindir, temporary_postgres
 
-from . import ceiling, drain, enqueue, latency
+from . import ceiling, drain, enqueue, latency, peers
 from .database import BenchDatabase
 from .measure import Figure, Run
 from .report import format_machine, format_table, write_chart, write_json
 
-GROUPS = ("enqueue", "drain", "ceiling", "latency")
+GROUPS = ("enqueue", "drain", "peers", "ceiling", "latency")
 
-#: The order groups run in: the ceiling first, beside nothing else running.
-_RUN_ORDER = ("ceiling", "enqueue", "drain", "latency")
+#: The stages groups run in, each stage's figures taking turns: the ceilings first, beside
+#: nothing else running; our drains and the peers' together.
+_STAGES = (("ceiling",), ("enqueue",), ("drain", "peers"), ("latency",))
 
-DRAIN_THREADS = (1, 2, 4, 8)
-DRAIN_PROCESSES = (2, 4)
-PROCESS_WORKERS = 4
 LATENCY_SPACING = 0.02
 
 
@@ -45,6 +45,18 @@ class Sizes:
 QUICK = Sizes(enqueue=500, bulk=10_000, drain=2_000, insert_ceiling=2_000, latency=50)
 
 Measure = Callable[[], Run]
+Plan = list[tuple[Figure, Measure]]
+
+
+@dataclasses.dataclass
+class _Suite:
+    """What the planners share: the database and sizes, the notes about figures skipped, and
+    what to undo at the end (the peers' schemas)."""
+
+    database: BenchDatabase
+    sizes: Sizes
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    cleanups: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
 
 def _progress(message: str) -> None:
@@ -63,7 +75,8 @@ def _take_turns(plan: Sequence[tuple[Figure, Measure]], runs: int) -> list[Figur
     return [figure for figure, _ in plan]
 
 
-def _enqueue(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
+def _enqueue(suite: _Suite) -> Plan:
+    database, sizes = suite.database, suite.sizes
     insert = "ceiling.insert"
     plan: list[tuple[Figure, Measure]] = [
         (
@@ -85,48 +98,63 @@ def _enqueue(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
             lambda: enqueue.run_bulk_many(database, jobs=sizes.bulk),
         ),
     ]
-    return _take_turns(plan, runs)
+    return plan
 
 
-def _drain(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
-    plan: list[tuple[Figure, Measure]] = []
-    for workers in DRAIN_THREADS:
+def _drain(suite: _Suite) -> Plan:
+    """:data:`drain.PLAN`, less the entries whose options this WorkerPool does not take."""
+    plan: Plan = []
+    unsupported: dict[tuple[str, ...], list[str]] = {}
+    for entry in drain.PLAN:
+        missing = tuple(drain.unsupported_options(entry.options))
+        if missing:
+            unsupported.setdefault(missing, []).append(entry.key)
+            continue
         plan.append(
             (
-                Figure(
-                    "drain",
-                    f"drain.threads.{workers}",
-                    f"{workers} thread{'s' if workers > 1 else ''}, 1 process",
-                    "jobs/s",
-                    f"ceiling.cycle.{workers}",
-                ),
-                functools.partial(drain.run_threads, database, workers=workers, jobs=sizes.drain),
+                Figure("drain", entry.key, entry.label, "jobs/s", entry.ceiling),
+                functools.partial(entry.measure, suite.database, suite.sizes.drain),
             )
         )
-    for processes in DRAIN_PROCESSES:
+    for names, keys in unsupported.items():
+        suite.skipped.append(
+            f"drain: {', '.join(keys)} skipped: WorkerPool() does not accept {', '.join(names)} yet"
+        )
+    return plan
+
+
+def _peers(suite: _Suite) -> Plan:
+    """:data:`peers.PLAN`, for the peer libraries installed (their schemas created here and
+    dropped at the end)."""
+    plan: Plan = []
+    keys: set[str] = set()
+    available: dict[str, bool] = {}
+    for entry in peers.PLAN:
+        library = entry.library
+        if library not in available:
+            reason = peers.missing(library)
+            available[library] = reason is None
+            if reason is not None:
+                suite.skipped.append(f"peers: {reason}")
+            else:
+                _progress(f"  installing {library} in schema {peers.schema(library)}")
+                peers.install(suite.database, library)
+                suite.cleanups.append(functools.partial(peers.drop, suite.database, library))
+        if not available[library] or entry.key in keys:
+            continue
+        keys.add(entry.key)
         plan.append(
             (
-                Figure(
-                    "drain",
-                    f"drain.processes.{processes}x{PROCESS_WORKERS}",
-                    f"{processes} processes x {PROCESS_WORKERS} threads",
-                    "jobs/s",
-                    f"ceiling.cycle.{max(DRAIN_THREADS)}",
-                ),
-                functools.partial(
-                    drain.run_processes,
-                    database,
-                    processes=processes,
-                    workers=PROCESS_WORKERS,
-                    jobs=sizes.drain,
-                ),
+                Figure("peers", entry.key, entry.label, "jobs/s", library=library),
+                functools.partial(entry.measure, suite.database, suite.sizes.drain),
             )
         )
-    return _take_turns(plan, runs)
+    return plan
 
 
-def _ceiling(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
-    plan: list[tuple[Figure, Measure]] = [
+def _ceiling(suite: _Suite) -> Plan:
+    database, sizes = suite.database, suite.sizes
+    plan: Plan = [
         (
             Figure(
                 "ceiling",
@@ -136,8 +164,21 @@ def _ceiling(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
             ),
             functools.partial(ceiling.run_cycle, database, clients=clients, jobs=sizes.drain),
         )
-        for clients in DRAIN_THREADS
+        for clients in ceiling.CYCLE_CLIENTS
     ]
+    plan.extend(
+        (
+            Figure(
+                "ceiling",
+                f"ceiling.batch.{clients}",
+                f"pgbench batched cycle ({ceiling.BATCH_SIZE} jobs), "
+                f"{clients} client{'s' if clients > 1 else ''}",
+                "jobs/s",
+            ),
+            functools.partial(ceiling.run_batch_cycle, database, clients=clients, jobs=sizes.drain),
+        )
+        for clients in ceiling.BATCH_CLIENTS
+    )
     plan.append(
         (
             Figure("ceiling", "ceiling.insert", "pgbench single-row insert, 1 client", "jobs/s"),
@@ -155,10 +196,11 @@ def _ceiling(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
             lambda: ceiling.run_insert(database, transactions=sizes.insert_ceiling, explicit=True),
         )
     )
-    return _take_turns(plan, runs)
+    return plan
 
 
-def _latency(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
+def _latency(suite: _Suite, runs: int) -> list[Figure]:
+    database, sizes = suite.database, suite.sizes
     modes = (("listen", True, 5.0), ("poll", False, 0.05))
     figures: dict[tuple[str, str], Figure] = {}
     for mode, listen, wake_interval in modes:
@@ -191,12 +233,20 @@ def _latency(database: BenchDatabase, sizes: Sizes, runs: int) -> list[Figure]:
     return list(figures.values())
 
 
-_GROUP_RUNNERS: dict[str, Callable[[BenchDatabase, Sizes, int], list[Figure]]] = {
+_PLANNERS: dict[str, Callable[[_Suite], Plan]] = {
     "ceiling": _ceiling,
     "enqueue": _enqueue,
     "drain": _drain,
-    "latency": _latency,
+    "peers": _peers,
 }
+
+
+def _run_stage(suite: _Suite, groups: Sequence[str], runs: int) -> list[Figure]:
+    """The figures of ``groups`` (those selected), taking turns."""
+    if list(groups) == ["latency"]:
+        return _latency(suite, runs)
+    plan = [step for group in groups for step in _PLANNERS[group](suite)]
+    return _take_turns(plan, runs)
 
 
 def _groups(value: str) -> list[str]:
@@ -260,14 +310,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _database_url(args.database_url) as url:
         database = BenchDatabase(url, bindir=find_postgres_bindir())
         database.create()
+        suite = _Suite(database, sizes)
         try:
             facts = database.machine_facts()
             _progress(format_machine(facts))
-            for group in _RUN_ORDER:
-                if group in args.only:
-                    _progress(f"{group}:")
-                    figures.extend(_GROUP_RUNNERS[group](database, sizes, runs))
+            for stage in _STAGES:
+                groups = [group for group in stage if group in args.only]
+                if groups:
+                    _progress(f"{', '.join(groups)}:")
+                    figures.extend(_run_stage(suite, groups, runs))
         finally:
+            for cleanup in reversed(suite.cleanups):
+                cleanup()
             database.drop()
     order = {group: index for index, group in enumerate(GROUPS)}
     figures.sort(key=lambda figure: order[figure.group])
@@ -275,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_machine(facts))
     print()
     print(format_table(figures))
+    if suite.skipped:
+        print()
+        print("skipped:")
+        for note in suite.skipped:
+            print(f"  {note}")
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(
         args.output / "results.json",
@@ -288,8 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sizes": dataclasses.asdict(sizes),
             "database": "given" if args.database_url else "throwaway",
             "machine": facts,
+            "skipped": suite.skipped,
             "pgbench_scripts": {
                 "cycle": ceiling.cycle_script(),
+                "batch": ceiling.batch_script(),
                 "insert": ceiling.insert_script(),
                 "insert_tx": ceiling.insert_script(explicit=True),
             },
