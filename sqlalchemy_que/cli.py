@@ -23,6 +23,7 @@ import datetime
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +38,12 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from . import schema, stats
 from ._pool import WorkerPool
+from ._supervisor import child_command, child_environment, supervise
 from .enqueue import insert_job
 from .errors import QueError
 from .jobs import JobDefinition, JobRegistry
 from .locking import LockedJob
+from .worker import DEFAULT_BATCH_SIZE, check_completion
 
 __all__ = ["load_handlers", "main", "normalise_database_url"]
 
@@ -337,14 +340,49 @@ def clear(database_url: str | None, yes: bool) -> None:
 @main.command()
 @click.argument("import_path")
 @_database_option
-@click.option("--queue", envvar="QUE_QUEUE", show_envvar=True, default="", help="Queue to work.")
+@click.option(
+    "--queue",
+    "queue_options",
+    multiple=True,
+    metavar="NAME[=N]",
+    help="A queue to work; repeat for several, worked in the order given. NAME=N gives the "
+    "queue N workers of its own (then every --queue needs a count) [default: QUE_QUEUE, "
+    "else ''].",
+)
 @click.option(
     "--workers",
     envvar="QUE_WORKER_COUNT",
     show_envvar=True,
     type=click.IntRange(min=1),
-    default=4,
+    default=None,
+    help="Worker threads per process [default: 4, or the sum of the --queue counts].",
+)
+@click.option(
+    "--processes",
+    envvar="QUE_PROCESSES",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=1,
     show_default=True,
+    help="Worker processes, each with --workers threads, under one supervising parent.",
+)
+@click.option(
+    "--batch-size",
+    envvar="QUE_BATCH_SIZE",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="The most jobs a worker locks at once.",
+)
+@click.option(
+    "--completion",
+    envvar="QUE_COMPLETION",
+    show_envvar=True,
+    type=click.Choice(["job", "batch"]),
+    default="job",
+    show_default=True,
+    help="Commit each job on its own, or jobs that did not use the database together.",
 )
 @click.option(
     "--wake-interval",
@@ -385,8 +423,11 @@ def clear(database_url: str | None, yes: bool) -> None:
 def worker(
     import_path: str,
     database_url: str | None,
-    queue: str,
-    workers: int,
+    queue_options: tuple[str, ...],
+    workers: int | None,
+    processes: int,
+    batch_size: int,
+    completion: str,
     wake_interval: float,
     shutdown_timeout: float | None,
     burst: bool,
@@ -396,23 +437,91 @@ def worker(
 ) -> None:
     """Run a pool of workers for the handlers at IMPORT_PATH (module:attribute)."""
     _configure_logging(log_level, log_format)
+    queues = parse_queues(queue_options or (os.environ.get("QUE_QUEUE", ""),))
+    options: dict[str, Any] = {
+        "queues": queues,
+        "workers": workers,
+        "batch_size": batch_size,
+        "completion": check_completion(completion),
+        "wake_interval": wake_interval,
+        "listen": listen,
+    }
     with _explained():
         handlers = load_handlers(import_path)
-        # One connection per worker for the whole job, and a little room for checks.
-        engine = _engine(database_url, pool_size=workers, max_overflow=2, pool_pre_ping=True)
+        # One connection per worker while it works, and a little room for checks.
+        threads = workers or (sum(queues.values()) if isinstance(queues, dict) else 4)
+        engine = _engine(database_url, pool_size=threads, max_overflow=2, pool_pre_ping=True)
         try:
-            pool = WorkerPool(
-                engine,
-                handlers,
-                queue=queue,
-                workers=workers,
-                wake_interval=wake_interval,
-                listen=listen,
+            pool = WorkerPool(engine, handlers, **options)
+            if processes > 1:
+                pool._preflight()  # refuse a bad setting once, here, not in every child
+        finally:
+            if processes > 1:
+                engine.dispose()
+        if processes > 1:
+            arguments = ["worker", import_path, *_child_options(queue_options, workers)]
+            arguments += ["--batch-size", str(batch_size), "--completion", completion]
+            arguments += ["--wake-interval", repr(wake_interval)]
+            arguments += ["--listen" if listen else "--no-listen"]
+            arguments += ["--log-level", log_level, "--log-format", log_format]
+            if shutdown_timeout is not None:
+                arguments += ["--shutdown-timeout", repr(shutdown_timeout)]
+            if burst:
+                arguments.append("--burst")
+            sys.exit(
+                supervise(
+                    child_command(arguments),
+                    processes,
+                    env=child_environment(
+                        str(normalise_database_url(database_url).render_as_string(False))
+                        if database_url
+                        else None
+                    ),
+                    burst=burst,
+                )
             )
+        try:
             still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
         finally:
             engine.dispose()
     exit_if_jobs_still_running(still_running)
+
+
+def _child_options(queue_options: tuple[str, ...], workers: int | None) -> list[str]:
+    arguments: list[str] = []
+    for option in queue_options:
+        arguments += ["--queue", option]
+    if workers is not None:
+        arguments += ["--workers", str(workers)]
+    return arguments
+
+
+def parse_queues(options: tuple[str, ...]) -> list[str] | dict[str, int]:
+    """``--queue`` values as WorkerPool's ``queues``: a list of names, or, when they carry
+    ``=N`` worker counts, a mapping of name to count.
+
+    :raises click.BadParameter: when some carry a count and others do not, or a count is not
+        a whole number >= 1.
+    """
+    counted: dict[str, int] = {}
+    plain: list[str] = []
+    for option in options:
+        name, equals, count = option.rpartition("=")
+        if equals and count.isdigit():
+            if int(count) < 1:
+                raise click.BadParameter(
+                    f"{option!r}: a queue's worker count must be >= 1", param_hint="--queue"
+                )
+            counted[name] = int(count)
+        else:
+            plain.append(option)
+    if counted and plain:
+        raise click.BadParameter(
+            f"give every --queue a worker count or none: {plain[0]!r} has none, "
+            f"{next(iter(counted))!r} has one",
+            param_hint="--queue",
+        )
+    return counted if counted else plain
 
 
 def exit_if_jobs_still_running(still_running: list[LockedJob]) -> None:
