@@ -294,8 +294,11 @@ def _database_url(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    _progress("starting a throwaway PostgreSQL...")
-    with temporary_postgres() as temporary:
+    _progress("starting a throwaway PostgreSQL (durable: fsync on, as initdb sets it)...")
+    # The figures are meant for a server as it runs in production: the test suite's fast,
+    # non-durable settings would flatter every commit.
+    durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+    with temporary_postgres(settings=durable) as temporary:
         yield temporary
 
 
