@@ -47,6 +47,10 @@ __all__ = [
 #: The version table of the standalone migrations, apart from the application's own.
 VERSION_TABLE = "sqlalchemy_que_version"
 
+#: The sequence of ``que_jobs.job_id``. The name is part of Que's schema: Que 1.x's upgrade
+#: renames the sequence by this name.
+_SEQUENCE_NAME = "que_jobs_job_id_seq"
+
 # Serialises concurrent standalone migrations (two workers starting at once). The two-int form
 # keeps it out of the one-bigint key space that job locks use.
 _MIGRATION_LOCK = text("SELECT pg_advisory_xact_lock(20837, 1)")
@@ -150,6 +154,41 @@ def _head_revisions() -> set[str]:
     return set(ScriptDirectory.from_config(_config()).get_heads())
 
 
+# The sequence that job_id owns (as a serial column does), by its name and whether it lives
+# in the table's schema: what pg_get_serial_sequence finds, without its error for a table
+# that has no job_id column.
+_READ_JOB_ID_SEQUENCE = text(
+    """
+    SELECT s.relname, s.relnamespace = t.relnamespace AS same_schema
+    FROM pg_class AS t
+    JOIN pg_attribute AS a ON a.attrelid = t.oid AND a.attname = 'job_id'
+    JOIN pg_depend AS d
+        ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid
+        AND d.refobjsubid = a.attnum AND d.classid = 'pg_class'::regclass
+        AND d.deptype IN ('a', 'i')
+    JOIN pg_class AS s ON s.oid = d.objid AND s.relkind = 'S'
+    WHERE t.oid = to_regclass(:table)
+    """
+)
+
+
+def _check_sequence(bind: Connection) -> None:
+    row = bind.execute(_READ_JOB_ID_SEQUENCE, {"table": TABLE_NAME}).first()
+    if row is None:
+        raise SchemaError(
+            f"{TABLE_NAME}.job_id has no sequence of its own; Que's schema gives it the "
+            f"sequence {_SEQUENCE_NAME} (a bigserial column). This table was not made by Que's "
+            "or sqlalchemy-que's migrations"
+        )
+    if row.relname != _SEQUENCE_NAME or not row.same_schema:
+        raise SchemaError(
+            f"{TABLE_NAME}.job_id draws from the sequence {row.relname!r}, not "
+            f"{_SEQUENCE_NAME!r} in the table's schema, the name Que's schema gives it (Que "
+            f"1.x's upgrade renames it by that name). Rename it: ALTER SEQUENCE {row.relname} "
+            f"RENAME TO {_SEQUENCE_NAME} (after dropping or renaming what holds that name now)"
+        )
+
+
 def check_schema(bind: Connection) -> None:
     """Raise unless ``que_jobs`` is a Que 0.x version 3 table that workers can use.
 
@@ -157,7 +196,7 @@ def check_schema(bind: Connection) -> None:
 
     :raises UnsupportedSchemaError: for a Que 1.x/2.x table.
     :raises SchemaError: for a missing table or one at an older version, with the command
-        that fixes it.
+        that fixes it; for a ``job_id`` whose sequence is not named ``que_jobs_job_id_seq``.
     """
     version = schema_version(bind)
     fix = "run `sqlalchemy-que migrate` (or sqlalchemy_que.migrate(engine))"
@@ -173,6 +212,7 @@ def check_schema(bind: Connection) -> None:
         raise SchemaError(
             f"{TABLE_NAME} is at Que schema version {version}, not {SCHEMA_VERSION}; {fix}"
         )
+    _check_sequence(bind)
     context = MigrationContext.configure(bind, opts={"version_table": VERSION_TABLE})
     current = set(context.get_current_heads())
     if current and current != _head_revisions():

@@ -481,6 +481,75 @@ def test_check_schema_without_a_table_says_how_to_fix_it(empty_engine: Engine) -
     assert "que_jobs" in str(missing.value)
 
 
+def test_refuses_to_create_que_jobs_beside_a_leftover_sequence_of_its_name(
+    empty_engine: Engine,
+) -> None:
+    """CREATE TABLE would name job_id's sequence que_jobs_job_id_seq1 when the name is taken:
+    a table Que's upgrade cannot rename, that check_schema must not pass."""
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SEQUENCE que_jobs_job_id_seq START 42"))
+    with pytest.raises(SchemaError, match=r"sequence named que_jobs_job_id_seq already exists"):
+        sqlalchemy_que.migrate(empty_engine)
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+        assert not table_exists(connection, "que_jobs_job_id_seq1")
+        assert not table_exists(connection, VERSION_TABLE)
+        # The leftover is left as it was.
+        assert connection.execute(text("SELECT last_value FROM que_jobs_job_id_seq")).scalar() == 42
+
+    with empty_engine.begin() as connection:
+        connection.execute(text("DROP SEQUENCE que_jobs_job_id_seq"))
+    sqlalchemy_que.migrate(empty_engine)  # as the error says: drop it, migrate again
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        sqlalchemy_que.check_schema(connection)
+
+
+def test_a_sequence_elsewhere_on_the_search_path_does_not_stop_migrate(
+    empty_engine: Engine,
+) -> None:
+    """Only the schema where CREATE TABLE makes the sequence matters."""
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SCHEMA other"))
+        connection.execute(text("CREATE SEQUENCE other.que_jobs_job_id_seq"))
+        connection.execute(text("SET search_path TO public, other"))
+        sqlalchemy_que.migrate(connection)
+        assert read_shape(connection) == EXPECTED_V3
+
+
+def test_check_schema_refuses_a_job_id_sequence_of_another_name(empty_engine: Engine) -> None:
+    # What migrate made before it refused: the table, with its sequence named ..._seq1.
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SEQUENCE que_jobs_job_id_seq"))
+        ruby_que_table(connection, 3)
+    with empty_engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT pg_get_serial_sequence('que_jobs', 'job_id')")
+        ).scalar_one() == ("public.que_jobs_job_id_seq1")
+        with pytest.raises(SchemaError, match=r"'que_jobs_job_id_seq1', not 'que_jobs_job_id_seq'"):
+            sqlalchemy_que.check_schema(connection)
+
+    # The fix the error names works.
+    with empty_engine.begin() as connection:
+        connection.execute(text("DROP SEQUENCE que_jobs_job_id_seq"))
+        connection.execute(
+            text("ALTER SEQUENCE que_jobs_job_id_seq1 RENAME TO que_jobs_job_id_seq")
+        )
+    with empty_engine.connect() as connection:
+        sqlalchemy_que.check_schema(connection)
+
+
+def test_check_schema_refuses_a_job_id_without_its_sequence(empty_engine: Engine) -> None:
+    with empty_engine.begin() as connection:
+        ruby_que_table(connection, 3)
+        connection.execute(text("ALTER SEQUENCE que_jobs_job_id_seq OWNED BY NONE"))
+    with empty_engine.connect() as connection:
+        with pytest.raises(SchemaError, match=r"que_jobs.job_id has no sequence of its own"):
+            sqlalchemy_que.check_schema(connection)
+        # check_schema only reads: the caller's transaction is still usable.
+        assert connection.execute(text("SELECT 1")).scalar_one() == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # pg_dump: ours and Ruby's are the same table
 
