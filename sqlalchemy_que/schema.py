@@ -8,13 +8,17 @@ the application's::
     sqlalchemy_que.migrate(engine)
 
 or from the command line: ``sqlalchemy-que migrate --database-url URL`` (``--sql`` prints the
-SQL instead). An application with its own Alembic environment adds the revisions to it::
+SQL instead). An application's own Alembic autogenerate must then leave our tables alone: pass
+:func:`include_object` to ``context.configure`` in its ``env.py`` (the Flask extension does this
+for Flask-Migrate by itself).
+
+An application with its own Alembic environment may instead add the revisions to it::
 
     # alembic.ini (or set in env.py with config.set_main_option); the second path is
     # what sqlalchemy_que.version_location() returns
     version_locations = %(here)s/migrations/versions /path/to/sqlalchemy_que/_migrations/versions
 
-and runs ``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made
+and run ``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made
 at schema version 3 is adopted as it is; a Que 1.x/2.x table is refused.
 """
 
@@ -23,20 +27,24 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Table, text
 
 from .errors import SchemaError, UnsupportedSchemaError
 from .model import SCHEMA_VERSION, TABLE_NAME
 
+if TYPE_CHECKING:
+    from sqlalchemy.schema import SchemaItem
+
 __all__ = [
     "VERSION_TABLE",
     "check_schema",
+    "include_object",
     "migrate",
     "migrate_sql",
     "migrations_path",
@@ -50,6 +58,9 @@ VERSION_TABLE = "sqlalchemy_que_version"
 #: The sequence of ``que_jobs.job_id``. The name is part of Que's schema: Que 1.x's upgrade
 #: renames the sequence by this name.
 _SEQUENCE_NAME = "que_jobs_job_id_seq"
+
+# What an application's autogenerate must neither drop nor create.
+_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE})
 
 # Serialises concurrent standalone migrations (two workers starting at once). The two-int form
 # keeps it out of the one-bigint key space that job locks use.
@@ -220,3 +231,36 @@ def check_schema(bind: Connection) -> None:
             f"the sqlalchemy-que migrations are at {sorted(current)}, not at the newest "
             f"{sorted(_head_revisions())}; {fix}"
         )
+
+
+def include_object(
+    object_: SchemaItem,
+    name: str | None,
+    type_: str,
+    reflected: bool,
+    compare_to: SchemaItem | None,
+) -> bool:
+    """An ``include_object`` filter for an application's Alembic autogenerate: False for
+    sqlalchemy-que's tables (``que_jobs``, ``sqlalchemy_que_version``) and everything on them,
+    True for the rest.
+
+    With it, autogenerate neither drops our tables (they are not in the application's
+    metadata) nor creates them (when ``sqlalchemy_que.metadata`` is in ``target_metadata``):
+    our migrations own them. In ``env.py``::
+
+        context.configure(connection=connection, target_metadata=target_metadata,
+                          include_object=sqlalchemy_que.schema.include_object)
+
+    To combine it with a filter of the application's own, call both::
+
+        def include_object(object_, name, type_, reflected, compare_to):
+            return sqlalchemy_que.schema.include_object(
+                object_, name, type_, reflected, compare_to
+            ) and my_filter(object_, name, type_, reflected, compare_to)
+
+    :class:`sqlalchemy_que.flask.Que` sets it on Flask-Migrate by itself.
+    """
+    if type_ == "table":
+        return name not in _OUR_TABLES
+    table = getattr(object_, "table", None)  # a column, an index or a constraint
+    return not (isinstance(table, Table) and table.name in _OUR_TABLES)

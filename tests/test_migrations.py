@@ -20,11 +20,23 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from alembic.script import Script, ScriptDirectory
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    make_url,
+    text,
+)
 from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que
+import sqlalchemy_que.schema
 from sqlalchemy_que import SchemaError, UnsupportedSchemaError, insert_job
 from sqlalchemy_que.schema import VERSION_TABLE, downgrade, migrate_sql
 from sqlalchemy_que.testing import find_postgres_bindir
@@ -701,6 +713,83 @@ def test_in_an_applications_alembic_environment(
         assert table_exists(connection, "app_users")
         assert recorded_revisions(connection, "alembic_version") == [APP_REVISION_ID]
         assert not table_exists(connection, VERSION_TABLE)
+
+
+# An application's env.py for autogenerate, as docs/alembic.md shows it; the test hands it the
+# target metadata and the filter through config.attributes.
+AUTOGENERATE_ENV = """
+from alembic import context
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+config = context.config
+engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
+try:
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=config.attributes["target_metadata"],
+            include_object=config.attributes["include_object"],
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+finally:
+    engine.dispose()
+"""
+
+
+def autogenerate(root: Path, url: str, target_metadata: object, include_object: object) -> str:
+    """``alembic revision --autogenerate`` in a new application environment at ``root``
+    (without our revisions); the text of the revision written."""
+    (root / "versions").mkdir(parents=True)
+    (root / "env.py").write_text(AUTOGENERATE_ENV, encoding="utf-8")
+    (root / "script.py.mako").write_text(APP_MAKO, encoding="utf-8")
+    config = Config()
+    config.set_main_option("script_location", str(root))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["target_metadata"] = target_metadata
+    config.attributes["include_object"] = include_object
+    script = command.revision(config, message="users", autogenerate=True)
+    assert isinstance(script, Script)
+    return Path(script.path).read_text(encoding="utf-8")
+
+
+def app_users_metadata() -> MetaData:
+    metadata = MetaData()
+    Table("app_users", metadata, Column("id", Integer, primary_key=True))
+    return metadata
+
+
+@pytest.mark.parametrize("with_our_metadata", [False, True], ids=["app-metadata", "both"])
+def test_an_applications_autogenerate_with_the_filter_leaves_our_tables_alone(
+    tmp_path: Path, empty_database_url: str, empty_engine: Engine, with_our_metadata: bool
+) -> None:
+    sqlalchemy_que.migrate(empty_engine)
+    app_metadata = app_users_metadata()
+    target = [app_metadata, sqlalchemy_que.metadata] if with_our_metadata else app_metadata
+
+    unfiltered = autogenerate(tmp_path / "unfiltered", empty_database_url, target, None)
+    assert "op.drop_table('sqlalchemy_que_version')" in unfiltered  # what the filter is for
+
+    revision = autogenerate(
+        tmp_path / "filtered", empty_database_url, target, sqlalchemy_que.schema.include_object
+    )
+    assert "op.create_table('app_users'" in revision
+    assert "que_jobs" not in revision
+    assert VERSION_TABLE not in revision
+
+
+def test_the_filter_keeps_an_application_from_creating_our_tables(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    """An application that lists our metadata but has not migrated yet: autogenerate must not
+    create que_jobs itself (our migrations do, with the exact shape)."""
+    target = [app_users_metadata(), sqlalchemy_que.metadata]
+    revision = autogenerate(
+        tmp_path / "env", empty_database_url, target, sqlalchemy_que.schema.include_object
+    )
+    assert "op.create_table('app_users'" in revision
+    assert "que_jobs" not in revision
 
 
 # ---------------------------------------------------------------------------------------------
