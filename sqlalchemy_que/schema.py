@@ -12,14 +12,21 @@ SQL instead). An application's own Alembic autogenerate must then leave our tabl
 :func:`include_object` to ``context.configure`` in its ``env.py`` (the Flask extension does this
 for Flask-Migrate by itself).
 
-An application with its own Alembic environment may instead add the revisions to it::
+An application may instead include our revisions in its own Alembic environment, naming them
+as a package resource in its ``alembic.ini`` (so that no site-packages path is written down)::
 
-    # alembic.ini (or set in env.py with config.set_main_option); the second path is
-    # what sqlalchemy_que.version_location() returns
-    version_locations = %(here)s/migrations/versions /path/to/sqlalchemy_que/_migrations/versions
+    [alembic]
+    script_location = %(here)s/migrations
+    path_separator = newline
+    revision_environment = true
+    version_locations =
+        %(here)s/migrations/versions
+        sqlalchemy_que:_migrations/versions
 
-and run ``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made
-at schema version 3 is adopted as it is; a Que 1.x/2.x table is refused.
+with ``process_revision_directives=`` :func:`process_revision_directives` in its ``env.py``, so
+that its new revisions go on its own branch and into its own folder, and runs
+``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made at schema
+version 3 is adopted as it is; a Que 1.x/2.x table is refused.
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import coerce_resource_to_filename
 from sqlalchemy import Connection, Engine, Table, text
 
 from .errors import SchemaError, UnsupportedSchemaError
 from .model import SCHEMA_VERSION, TABLE_NAME
 
 if TYPE_CHECKING:
+    from alembic.operations.ops import MigrationScript
     from sqlalchemy.schema import SchemaItem
 
 __all__ = [
@@ -48,6 +57,7 @@ __all__ = [
     "migrate",
     "migrate_sql",
     "migrations_path",
+    "process_revision_directives",
     "schema_version",
     "version_location",
 ]
@@ -87,7 +97,9 @@ def migrations_path() -> Path:
 
 
 def version_location() -> str:
-    """The absolute path of our revisions, for an application's Alembic ``version_locations``."""
+    """The absolute path of our revisions: the folder that an application's Alembic
+    ``version_locations`` names as ``sqlalchemy_que:_migrations/versions`` (in an installed
+    wheel)."""
     return str(migrations_path() / "versions")
 
 
@@ -264,3 +276,59 @@ def include_object(
         return name not in _OUR_TABLES
     table = getattr(object_, "table", None)  # a column, an index or a constraint
     return not (isinstance(table, Table) and table.name in _OUR_TABLES)
+
+
+def process_revision_directives(
+    context: MigrationContext, revision: object, directives: list[MigrationScript]
+) -> None:
+    """A ``process_revision_directives`` hook for an application that includes our revisions
+    in its own Alembic environment: its new revisions go on its own branch and into its own
+    versions folder, never onto ours.
+
+    Without it, ``alembic revision`` bases a new revision on the only head there is (ours,
+    before the application has a revision of its own), stacks it on our branch and writes it
+    into our folder inside the installed package; once the application has a revision of its
+    own, it asks for ``--head``. With it, a revision made without ``--head`` is based on the
+    application's own head, or starts a branch of its own at ``base`` in the first of the
+    application's ``version_locations`` that is not ours. A ``--head`` given on the command
+    line is kept, and so are several application heads (Alembic then asks for one, or a
+    merge). Set ``revision_environment = true`` in ``alembic.ini`` so that ``alembic
+    revision`` without ``--autogenerate`` runs it too. In ``env.py``::
+
+        context.configure(...,
+                          process_revision_directives=sqlalchemy_que.schema.process_revision_directives)
+
+    An application with a hook of its own calls this one from it first.
+
+    :raises SchemaError: when a revision would start at ``base`` and every version location
+        is ours (the application's own folder is missing from ``version_locations``).
+    """
+    script = context.script
+    if script is None:  # pragma: no cover - Alembic always passes its ScriptDirectory
+        return
+    ours = {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+    if not ours & {rev.revision for rev in script.walk_revisions()}:
+        return  # our revisions are not part of this environment: nothing to keep apart
+    app_heads = [head for head in script.get_heads() if head not in ours]
+    for directive in directives:
+        if directive.head in (None, "head"):  # no --head was given
+            if len(app_heads) == 1:
+                directive.head = app_heads[0]
+            elif not app_heads:
+                directive.head = "base"
+        if directive.head == "base" and directive.version_path is None:
+            directive.version_path = _application_version_location(script)
+
+
+def _application_version_location(script: ScriptDirectory) -> str:
+    """The first of the environment's version locations that is not our own."""
+    ours = Path(version_location()).resolve()
+    for location in script.version_locations:
+        path = Path(coerce_resource_to_filename(str(location))).resolve()
+        if path != ours:
+            return str(path)
+    raise SchemaError(
+        f"the Alembic environment {script.dir} has no versions folder of its own beside "
+        f"sqlalchemy-que's ({ours}): list the application's own first in version_locations, "
+        "so that its revisions are not written into the installed package"
+    )
