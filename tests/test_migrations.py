@@ -5,6 +5,7 @@ migrations, use from an application's own Alembic environment, and the built whe
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -24,6 +25,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 from sqlalchemy import (
     Column,
     Connection,
@@ -930,6 +934,31 @@ def test_the_wheel_ships_the_migrations_and_migrates(
     with empty_engine.connect() as connection:
         assert read_shape(connection) == EXPECTED_V3
         assert recorded_revisions(connection) == [head_revision()]
+
+
+def test_the_minimum_constraints_pin_every_declared_floor() -> None:
+    """constraints/minimums.txt, which `make test-minimums` installs, pins each floor that the
+    package declares for its dependencies and its flask and binary extras, and nothing lower."""
+    pins: dict[str, Version] = {}
+    for line in (REPOSITORY / "constraints" / "minimums.txt").read_text("utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    declared = importlib.metadata.requires("sqlalchemy-que")
+    assert declared is not None
+    floors: dict[str, Version] = {}
+    for requirement in map(Requirement, declared):
+        marker = requirement.marker
+        if marker is None or any(
+            marker.evaluate({"extra": extra}) for extra in ("flask", "binary")
+        ):
+            (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            floors[canonicalize_name(requirement.name)] = Version(floor)
+            if "binary" in requirement.extras:
+                floors["psycopg-binary"] = Version(floor)
+    assert {"sqlalchemy", "psycopg", "psycopg-binary", "alembic", "click", "flask"} <= set(floors)
+    assert {name: pins.get(name) for name in floors} == floors
 
 
 # ---------------------------------------------------------------------------------------------
