@@ -56,10 +56,10 @@ Numbers may be given as strings (as environment variables loaded into the config
 bad value raises :class:`~sqlalchemy_que.WorkerError` naming the key and the value.
 
 With Flask-Migrate on the app (registered before or after this extension), ``flask db migrate``
-leaves sqlalchemy-que's tables alone: the extension adds
-:func:`sqlalchemy_que.schema.include_object` to Flask-Migrate's ``include_object`` (after the
-app's own filter, if it gave one), so that autogenerate neither drops ``que_jobs`` nor creates
-it. ``flask que migrate`` creates and upgrades them.
+leaves sqlalchemy-que's tables alone: the extension sets
+:func:`sqlalchemy_que.schema.include_object` as Flask-Migrate's ``include_object``, combined
+with the app's own filter if it gave one, so that autogenerate neither drops ``que_jobs`` nor
+creates it. ``flask que migrate`` creates and upgrades them.
 """
 
 from __future__ import annotations
