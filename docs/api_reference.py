@@ -17,7 +17,13 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
     (
         "sqlalchemy_que.schema",
         "Schema and migrations (sqlalchemy_que.schema)",
-        ["downgrade", "migrate_sql", "VERSION_TABLE"],
+        [
+            "downgrade",
+            "migrate_sql",
+            "include_object",
+            "process_revision_directives",
+            "VERSION_TABLE",
+        ],
     ),
     (
         "sqlalchemy_que.worker",

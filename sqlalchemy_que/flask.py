@@ -54,6 +54,12 @@ Key                      Default    Meaning
 
 Numbers may be given as strings (as environment variables loaded into the config are). A
 bad value raises :class:`~sqlalchemy_que.WorkerError` naming the key and the value.
+
+With Flask-Migrate on the app (registered before or after this extension), ``flask db migrate``
+leaves sqlalchemy-que's tables alone: the extension sets
+:func:`sqlalchemy_que.schema.include_object` as Flask-Migrate's ``include_object``, combined
+with the app's own filter if it gave one, so that autogenerate neither drops ``que_jobs`` nor
+creates it. ``flask que migrate`` creates and upgrades them.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import click
-from flask import Flask, current_app, has_app_context
+from flask import Flask, appcontext_pushed, current_app, has_app_context
 from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
@@ -161,6 +167,10 @@ class Que:
         )
         app.extensions[EXTENSION_KEY] = self
         app.cli.add_command(que_cli)
+        if not _exclude_our_tables_from_flask_migrate(app):
+            # Flask-Migrate may be registered after us: wire it in when a context is pushed
+            # (every `flask db` command pushes one before Alembic reads the arguments).
+            appcontext_pushed.connect(_on_appcontext_pushed, app, weak=False)
 
     def _config_handlers(self, value: object) -> JobRegistry | None:
         if value is None:
@@ -276,6 +286,37 @@ def _in_app_context(
         return result
 
     return run_in_app_context
+
+
+def _exclude_our_tables_from_flask_migrate(app: Flask) -> bool:
+    """Add our autogenerate filter to Flask-Migrate's arguments for Alembic on ``app``.
+
+    Flask-Migrate's ``env.py`` passes ``app.extensions["migrate"].configure_args`` to
+    ``context.configure``. Returns False while Flask-Migrate is not registered on the app.
+    """
+    migrate_state = app.extensions.get("migrate")
+    configure_args = getattr(migrate_state, "configure_args", None)
+    if not isinstance(configure_args, dict):
+        return False
+    theirs = configure_args.get("include_object")
+    if theirs is None or theirs is schema.include_object:
+        configure_args["include_object"] = schema.include_object
+    elif not getattr(theirs, "_excludes_que_tables", False):
+        configure_args["include_object"] = _both_filters(theirs)
+    return True
+
+
+def _both_filters(theirs: Callable[..., bool]) -> Callable[..., bool]:
+    def include_object(*args: Any) -> bool:
+        return schema.include_object(*args) and bool(theirs(*args))
+
+    include_object._excludes_que_tables = True  # type: ignore[attr-defined]
+    return include_object
+
+
+def _on_appcontext_pushed(app: Flask, **extra: object) -> None:
+    if _exclude_our_tables_from_flask_migrate(app):
+        appcontext_pushed.disconnect(_on_appcontext_pushed, app)
 
 
 def _config_queue(value: object) -> str:

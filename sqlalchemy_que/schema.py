@@ -8,14 +8,25 @@ the application's::
     sqlalchemy_que.migrate(engine)
 
 or from the command line: ``sqlalchemy-que migrate --database-url URL`` (``--sql`` prints the
-SQL instead). An application with its own Alembic environment adds the revisions to it::
+SQL instead). An application's own Alembic autogenerate must then leave our tables alone: pass
+:func:`include_object` to ``context.configure`` in its ``env.py`` (the Flask extension does this
+for Flask-Migrate by itself).
 
-    # alembic.ini (or set in env.py with config.set_main_option); the second path is
-    # what sqlalchemy_que.version_location() returns
-    version_locations = %(here)s/migrations/versions /path/to/sqlalchemy_que/_migrations/versions
+An application may instead include our revisions in its own Alembic environment, naming them
+as a package resource in its ``alembic.ini`` (so that no site-packages path is written down)::
 
-and runs ``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made
-at schema version 3 is adopted as it is; a Que 1.x/2.x table is refused.
+    [alembic]
+    script_location = %(here)s/migrations
+    path_separator = newline
+    revision_environment = true
+    version_locations =
+        %(here)s/migrations/versions
+        sqlalchemy_que:_migrations/versions
+
+with ``process_revision_directives=`` :func:`process_revision_directives` in its ``env.py``, so
+that its new revisions go on its own branch and into its own folder, and runs
+``alembic upgrade heads``. A ``que_jobs`` table that Ruby Que or que-go already made at schema
+version 3 is adopted as it is; a Que 1.x/2.x table is refused.
 """
 
 from __future__ import annotations
@@ -23,29 +34,43 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, text
+from alembic.util import coerce_resource_to_filename
+from sqlalchemy import Connection, Engine, Table, text
 
 from .errors import SchemaError, UnsupportedSchemaError
 from .model import SCHEMA_VERSION, TABLE_NAME
 
+if TYPE_CHECKING:
+    from alembic.operations.ops import MigrationScript
+    from sqlalchemy.schema import SchemaItem
+
 __all__ = [
     "VERSION_TABLE",
     "check_schema",
+    "include_object",
     "migrate",
     "migrate_sql",
     "migrations_path",
+    "process_revision_directives",
     "schema_version",
     "version_location",
 ]
 
 #: The version table of the standalone migrations, apart from the application's own.
 VERSION_TABLE = "sqlalchemy_que_version"
+
+#: The sequence of ``que_jobs.job_id``. The name is part of Que's schema: Que 1.x's upgrade
+#: renames the sequence by this name.
+_SEQUENCE_NAME = "que_jobs_job_id_seq"
+
+# What an application's autogenerate must neither drop nor create.
+_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE})
 
 # Serialises concurrent standalone migrations (two workers starting at once). The two-int form
 # keeps it out of the one-bigint key space that job locks use.
@@ -72,7 +97,9 @@ def migrations_path() -> Path:
 
 
 def version_location() -> str:
-    """The absolute path of our revisions, for an application's Alembic ``version_locations``."""
+    """The absolute path of our revisions: the folder that an application's Alembic
+    ``version_locations`` names as ``sqlalchemy_que:_migrations/versions`` (in an installed
+    wheel)."""
     return str(migrations_path() / "versions")
 
 
@@ -150,6 +177,41 @@ def _head_revisions() -> set[str]:
     return set(ScriptDirectory.from_config(_config()).get_heads())
 
 
+# The sequence that job_id owns (as a serial column does), by its name and whether it lives
+# in the table's schema: what pg_get_serial_sequence finds, without its error for a table
+# that has no job_id column.
+_READ_JOB_ID_SEQUENCE = text(
+    """
+    SELECT s.relname, s.relnamespace = t.relnamespace AS same_schema
+    FROM pg_class AS t
+    JOIN pg_attribute AS a ON a.attrelid = t.oid AND a.attname = 'job_id'
+    JOIN pg_depend AS d
+        ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid
+        AND d.refobjsubid = a.attnum AND d.classid = 'pg_class'::regclass
+        AND d.deptype IN ('a', 'i')
+    JOIN pg_class AS s ON s.oid = d.objid AND s.relkind = 'S'
+    WHERE t.oid = to_regclass(:table)
+    """
+)
+
+
+def _check_sequence(bind: Connection) -> None:
+    row = bind.execute(_READ_JOB_ID_SEQUENCE, {"table": TABLE_NAME}).first()
+    if row is None:
+        raise SchemaError(
+            f"{TABLE_NAME}.job_id has no sequence of its own; Que's schema gives it the "
+            f"sequence {_SEQUENCE_NAME} (a bigserial column). This table was not made by Que's "
+            "or sqlalchemy-que's migrations"
+        )
+    if row.relname != _SEQUENCE_NAME or not row.same_schema:
+        raise SchemaError(
+            f"{TABLE_NAME}.job_id draws from the sequence {row.relname!r}, not "
+            f"{_SEQUENCE_NAME!r} in the table's schema, the name Que's schema gives it (Que "
+            f"1.x's upgrade renames it by that name). Rename it: ALTER SEQUENCE {row.relname} "
+            f"RENAME TO {_SEQUENCE_NAME} (after dropping or renaming what holds that name now)"
+        )
+
+
 def check_schema(bind: Connection) -> None:
     """Raise unless ``que_jobs`` is a Que 0.x version 3 table that workers can use.
 
@@ -157,7 +219,7 @@ def check_schema(bind: Connection) -> None:
 
     :raises UnsupportedSchemaError: for a Que 1.x/2.x table.
     :raises SchemaError: for a missing table or one at an older version, with the command
-        that fixes it.
+        that fixes it; for a ``job_id`` whose sequence is not named ``que_jobs_job_id_seq``.
     """
     version = schema_version(bind)
     fix = "run `sqlalchemy-que migrate` (or sqlalchemy_que.migrate(engine))"
@@ -173,6 +235,7 @@ def check_schema(bind: Connection) -> None:
         raise SchemaError(
             f"{TABLE_NAME} is at Que schema version {version}, not {SCHEMA_VERSION}; {fix}"
         )
+    _check_sequence(bind)
     context = MigrationContext.configure(bind, opts={"version_table": VERSION_TABLE})
     current = set(context.get_current_heads())
     if current and current != _head_revisions():
@@ -180,3 +243,92 @@ def check_schema(bind: Connection) -> None:
             f"the sqlalchemy-que migrations are at {sorted(current)}, not at the newest "
             f"{sorted(_head_revisions())}; {fix}"
         )
+
+
+def include_object(
+    object_: SchemaItem,
+    name: str | None,
+    type_: str,
+    reflected: bool,
+    compare_to: SchemaItem | None,
+) -> bool:
+    """An ``include_object`` filter for an application's Alembic autogenerate: False for
+    sqlalchemy-que's tables (``que_jobs``, ``sqlalchemy_que_version``) and everything on them,
+    True for the rest.
+
+    With it, autogenerate neither drops our tables (they are not in the application's
+    metadata) nor creates them (when ``sqlalchemy_que.metadata`` is in ``target_metadata``):
+    our migrations own them. In ``env.py``::
+
+        context.configure(connection=connection, target_metadata=target_metadata,
+                          include_object=sqlalchemy_que.schema.include_object)
+
+    To combine it with a filter of the application's own, call both::
+
+        def include_object(object_, name, type_, reflected, compare_to):
+            return sqlalchemy_que.schema.include_object(
+                object_, name, type_, reflected, compare_to
+            ) and my_filter(object_, name, type_, reflected, compare_to)
+
+    :class:`sqlalchemy_que.flask.Que` sets it on Flask-Migrate by itself.
+    """
+    if type_ == "table":
+        return name not in _OUR_TABLES
+    table = getattr(object_, "table", None)  # a column, an index or a constraint
+    return not (isinstance(table, Table) and table.name in _OUR_TABLES)
+
+
+def process_revision_directives(
+    context: MigrationContext, revision: object, directives: list[MigrationScript]
+) -> None:
+    """A ``process_revision_directives`` hook for an application that includes our revisions
+    in its own Alembic environment: its new revisions go on its own branch and into its own
+    versions folder, never onto ours.
+
+    Without it, ``alembic revision`` bases a new revision on the only head there is (ours,
+    before the application has a revision of its own), stacks it on our branch and writes it
+    into our folder inside the installed package; once the application has a revision of its
+    own, it asks for ``--head``. With it, a revision made without ``--head`` is based on the
+    application's own head, or starts a branch of its own at ``base`` in the first of the
+    application's ``version_locations`` that is not ours. A ``--head`` given on the command
+    line is kept, and so are several application heads (Alembic then asks for one, or a
+    merge). Set ``revision_environment = true`` in ``alembic.ini`` so that ``alembic
+    revision`` without ``--autogenerate`` runs it too. In ``env.py``::
+
+        context.configure(...,
+                          process_revision_directives=sqlalchemy_que.schema.process_revision_directives)
+
+    An application with a hook of its own calls this one from it first.
+
+    :raises SchemaError: when a revision would start at ``base`` and every version location
+        is ours (the application's own folder is missing from ``version_locations``).
+    """
+    script = context.script
+    if script is None:  # pragma: no cover - Alembic always passes its ScriptDirectory
+        return
+    ours = {rev.revision for rev in ScriptDirectory.from_config(_config()).walk_revisions()}
+    if not ours & {rev.revision for rev in script.walk_revisions()}:
+        return  # our revisions are not part of this environment: nothing to keep apart
+    app_heads = [head for head in script.get_heads() if head not in ours]
+    for directive in directives:
+        if directive.head in (None, "head"):  # no --head was given
+            if len(app_heads) == 1:
+                directive.head = app_heads[0]
+            elif not app_heads:
+                directive.head = "base"
+        if directive.head == "base" and directive.version_path is None:
+            directive.version_path = _application_version_location(script)
+
+
+def _application_version_location(script: ScriptDirectory) -> str:
+    """The first of the environment's version locations that is not our own."""
+    ours = Path(version_location()).resolve()
+    for location in script.version_locations:
+        path = Path(coerce_resource_to_filename(str(location))).resolve()
+        if path != ours:
+            return str(path)
+    raise SchemaError(
+        f"the Alembic environment {script.dir} has no versions folder of its own beside "
+        f"sqlalchemy-que's ({ours}): list the application's own first in version_locations, "
+        "so that its revisions are not written into the installed package"
+    )

@@ -5,13 +5,16 @@ migrations, use from an application's own Alembic environment, and the built whe
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid
+import venv
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +23,27 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    make_url,
+    text,
+)
 from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que
+import sqlalchemy_que.schema
 from sqlalchemy_que import SchemaError, UnsupportedSchemaError, insert_job
 from sqlalchemy_que.schema import VERSION_TABLE, downgrade, migrate_sql
 from sqlalchemy_que.testing import find_postgres_bindir
@@ -481,6 +500,75 @@ def test_check_schema_without_a_table_says_how_to_fix_it(empty_engine: Engine) -
     assert "que_jobs" in str(missing.value)
 
 
+def test_refuses_to_create_que_jobs_beside_a_leftover_sequence_of_its_name(
+    empty_engine: Engine,
+) -> None:
+    """CREATE TABLE would name job_id's sequence que_jobs_job_id_seq1 when the name is taken:
+    a table Que's upgrade cannot rename, that check_schema must not pass."""
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SEQUENCE que_jobs_job_id_seq START 42"))
+    with pytest.raises(SchemaError, match=r"sequence named que_jobs_job_id_seq already exists"):
+        sqlalchemy_que.migrate(empty_engine)
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+        assert not table_exists(connection, "que_jobs_job_id_seq1")
+        assert not table_exists(connection, VERSION_TABLE)
+        # The leftover is left as it was.
+        assert connection.execute(text("SELECT last_value FROM que_jobs_job_id_seq")).scalar() == 42
+
+    with empty_engine.begin() as connection:
+        connection.execute(text("DROP SEQUENCE que_jobs_job_id_seq"))
+    sqlalchemy_que.migrate(empty_engine)  # as the error says: drop it, migrate again
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        sqlalchemy_que.check_schema(connection)
+
+
+def test_a_sequence_elsewhere_on_the_search_path_does_not_stop_migrate(
+    empty_engine: Engine,
+) -> None:
+    """Only the schema where CREATE TABLE makes the sequence matters."""
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SCHEMA other"))
+        connection.execute(text("CREATE SEQUENCE other.que_jobs_job_id_seq"))
+        connection.execute(text("SET search_path TO public, other"))
+        sqlalchemy_que.migrate(connection)
+        assert read_shape(connection) == EXPECTED_V3
+
+
+def test_check_schema_refuses_a_job_id_sequence_of_another_name(empty_engine: Engine) -> None:
+    # What migrate made before it refused: the table, with its sequence named ..._seq1.
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SEQUENCE que_jobs_job_id_seq"))
+        ruby_que_table(connection, 3)
+    with empty_engine.connect() as connection:
+        assert connection.execute(
+            text("SELECT pg_get_serial_sequence('que_jobs', 'job_id')")
+        ).scalar_one() == ("public.que_jobs_job_id_seq1")
+        with pytest.raises(SchemaError, match=r"'que_jobs_job_id_seq1', not 'que_jobs_job_id_seq'"):
+            sqlalchemy_que.check_schema(connection)
+
+    # The fix the error names works.
+    with empty_engine.begin() as connection:
+        connection.execute(text("DROP SEQUENCE que_jobs_job_id_seq"))
+        connection.execute(
+            text("ALTER SEQUENCE que_jobs_job_id_seq1 RENAME TO que_jobs_job_id_seq")
+        )
+    with empty_engine.connect() as connection:
+        sqlalchemy_que.check_schema(connection)
+
+
+def test_check_schema_refuses_a_job_id_without_its_sequence(empty_engine: Engine) -> None:
+    with empty_engine.begin() as connection:
+        ruby_que_table(connection, 3)
+        connection.execute(text("ALTER SEQUENCE que_jobs_job_id_seq OWNED BY NONE"))
+    with empty_engine.connect() as connection:
+        with pytest.raises(SchemaError, match=r"que_jobs.job_id has no sequence of its own"):
+            sqlalchemy_que.check_schema(connection)
+        # check_schema only reads: the caller's transaction is still usable.
+        assert connection.execute(text("SELECT 1")).scalar_one() == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # pg_dump: ours and Ruby's are the same table
 
@@ -634,6 +722,148 @@ def test_in_an_applications_alembic_environment(
         assert not table_exists(connection, VERSION_TABLE)
 
 
+HOOKED_ENV = APP_ENV.replace(
+    "target_metadata=None",
+    "target_metadata=None,\n"
+    "        process_revision_directives=sqlalchemy_que.schema.process_revision_directives",
+).replace(
+    "from alembic import context", "from alembic import context\nimport sqlalchemy_que.schema"
+)
+
+
+def hooked_alembic(root: Path, url: str, *, app_revision: bool) -> Config:
+    """:func:`application_alembic` with the hook in env.py, run for every revision."""
+    config = application_alembic(root, url)
+    (root / "env.py").write_text(textwrap.dedent(HOOKED_ENV), encoding="utf-8")
+    if not app_revision:
+        (root / "versions" / f"{APP_REVISION_ID}_app_users.py").unlink()
+    config.set_main_option("revision_environment", "true")
+    return config
+
+
+def new_revision(config: Config, **options: Any) -> Script:
+    before = {rev.revision for rev in ScriptDirectory.from_config(config).walk_revisions()}
+    script = command.revision(config, message="next", **options)
+    assert isinstance(script, Script)
+    assert script.revision not in before
+    return script
+
+
+def test_the_hook_puts_an_applications_revisions_on_its_own_branch(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    ours = sorted(Path(sqlalchemy_que.version_location()).glob("*.py"))
+
+    # No revision of the application's own yet: a new base, in its folder (not on ours).
+    config = hooked_alembic(tmp_path / "fresh", empty_database_url, app_revision=False)
+    first = new_revision(config)
+    assert Path(first.path).parent == tmp_path / "fresh" / "versions"
+    assert first.down_revision is None
+    # Then on the application's own head, though ours is a head too.
+    second = new_revision(config)
+    assert Path(second.path).parent == tmp_path / "fresh" / "versions"
+    assert second.down_revision == first.revision
+    # --head base without --version-path: the hook names the application's folder.
+    other_base = new_revision(config, head="base")
+    assert Path(other_base.path).parent == tmp_path / "fresh" / "versions"
+    assert other_base.down_revision is None
+    # Two heads of the application's own: Alembic asks which, as it would without the hook.
+    with pytest.raises(CommandError, match="Multiple heads"):
+        command.revision(config, message="which head?")
+    # --head is kept.
+    on_first = new_revision(config, head=first.revision, splice=True)
+    assert on_first.down_revision == first.revision
+    assert sorted(Path(sqlalchemy_que.version_location()).glob("*.py")) == ours
+
+
+def test_the_hook_refuses_an_environment_without_a_folder_of_the_applications_own(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    config = hooked_alembic(tmp_path / "ours_only", empty_database_url, app_revision=False)
+    config.set_main_option("version_locations", sqlalchemy_que.version_location())
+    ours = sorted(Path(sqlalchemy_que.version_location()).glob("*.py"))
+    with pytest.raises(SchemaError, match="no versions folder of its own"):
+        command.revision(config, message="nowhere")
+    assert sorted(Path(sqlalchemy_que.version_location()).glob("*.py")) == ours
+
+
+# An application's env.py for autogenerate, as docs/alembic.md shows it; the test hands it the
+# target metadata and the filter through config.attributes.
+AUTOGENERATE_ENV = """
+from alembic import context
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
+
+config = context.config
+engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
+try:
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=config.attributes["target_metadata"],
+            include_object=config.attributes["include_object"],
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+finally:
+    engine.dispose()
+"""
+
+
+def autogenerate(root: Path, url: str, target_metadata: object, include_object: object) -> str:
+    """``alembic revision --autogenerate`` in a new application environment at ``root``
+    (without our revisions); the text of the revision written."""
+    (root / "versions").mkdir(parents=True)
+    (root / "env.py").write_text(AUTOGENERATE_ENV, encoding="utf-8")
+    (root / "script.py.mako").write_text(APP_MAKO, encoding="utf-8")
+    config = Config()
+    config.set_main_option("script_location", str(root))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["target_metadata"] = target_metadata
+    config.attributes["include_object"] = include_object
+    script = command.revision(config, message="users", autogenerate=True)
+    assert isinstance(script, Script)
+    return Path(script.path).read_text(encoding="utf-8")
+
+
+def app_users_metadata() -> MetaData:
+    metadata = MetaData()
+    Table("app_users", metadata, Column("id", Integer, primary_key=True))
+    return metadata
+
+
+@pytest.mark.parametrize("with_our_metadata", [False, True], ids=["app-metadata", "both"])
+def test_an_applications_autogenerate_with_the_filter_leaves_our_tables_alone(
+    tmp_path: Path, empty_database_url: str, empty_engine: Engine, with_our_metadata: bool
+) -> None:
+    sqlalchemy_que.migrate(empty_engine)
+    app_metadata = app_users_metadata()
+    target = [app_metadata, sqlalchemy_que.metadata] if with_our_metadata else app_metadata
+
+    unfiltered = autogenerate(tmp_path / "unfiltered", empty_database_url, target, None)
+    assert "op.drop_table('sqlalchemy_que_version')" in unfiltered  # what the filter is for
+
+    revision = autogenerate(
+        tmp_path / "filtered", empty_database_url, target, sqlalchemy_que.schema.include_object
+    )
+    assert "op.create_table('app_users'" in revision
+    assert "que_jobs" not in revision
+    assert VERSION_TABLE not in revision
+
+
+def test_the_filter_keeps_an_application_from_creating_our_tables(
+    tmp_path: Path, empty_database_url: str
+) -> None:
+    """An application that lists our metadata but has not migrated yet: autogenerate must not
+    create que_jobs itself (our migrations do, with the exact shape)."""
+    target = [app_users_metadata(), sqlalchemy_que.metadata]
+    revision = autogenerate(
+        tmp_path / "env", empty_database_url, target, sqlalchemy_que.schema.include_object
+    )
+    assert "op.create_table('app_users'" in revision
+    assert "que_jobs" not in revision
+
+
 # ---------------------------------------------------------------------------------------------
 # The wheel
 
@@ -664,12 +894,17 @@ def build_wheel(outdir: Path) -> Path:
     return wheel
 
 
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package's wheel, built once for the tests of this module that need it."""
+    return build_wheel(tmp_path_factory.mktemp("dist"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_wheel_ships_the_migrations_and_migrates(
-    tmp_path: Path, empty_database_url: str, empty_engine: Engine
+    tmp_path: Path, wheel: Path, empty_database_url: str, empty_engine: Engine
 ) -> None:
-    wheel = build_wheel(tmp_path / "dist")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         extracted = tmp_path / "site"
@@ -699,3 +934,210 @@ def test_the_wheel_ships_the_migrations_and_migrates(
     with empty_engine.connect() as connection:
         assert read_shape(connection) == EXPECTED_V3
         assert recorded_revisions(connection) == [head_revision()]
+
+
+def test_the_minimum_constraints_pin_every_declared_floor() -> None:
+    """constraints/minimums.txt, which `make test-minimums` installs, pins each floor that the
+    package declares for its dependencies and its flask and binary extras, and nothing lower."""
+    pins: dict[str, Version] = {}
+    for line in (REPOSITORY / "constraints" / "minimums.txt").read_text("utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    declared = importlib.metadata.requires("sqlalchemy-que")
+    assert declared is not None
+    floors: dict[str, Version] = {}
+    for requirement in map(Requirement, declared):
+        marker = requirement.marker
+        if marker is None or any(
+            marker.evaluate({"extra": extra}) for extra in ("flask", "binary")
+        ):
+            (floor,) = [spec.version for spec in requirement.specifier if spec.operator == ">="]
+            floors[canonicalize_name(requirement.name)] = Version(floor)
+            if "binary" in requirement.extras:
+                floors["psycopg-binary"] = Version(floor)
+    assert {"sqlalchemy", "psycopg", "psycopg-binary", "alembic", "click", "flask"} <= set(floors)
+    assert {name: pins.get(name) for name in floors} == floors
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/alembic.md's recipe, from the wheel installed in a new virtual environment
+
+DOCS_ALEMBIC = REPOSITORY / "docs" / "alembic.md"
+
+APP_MODELS = """
+from sqlalchemy import ForeignKey
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str]
+"""
+
+APP_MODELS_ORDERS = """
+
+class Order(Base):
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+"""
+
+
+def fenced_block(page: Path, language: str, first_line: str | None = None) -> str:
+    """The first ```language block of ``page`` (the first that starts with ``first_line``)."""
+    pattern = re.compile(rf"^```{language}\n(.*?)^```$", re.DOTALL | re.MULTILINE)
+    for block in pattern.findall(page.read_text(encoding="utf-8")):
+        if first_line is None or block.startswith(first_line):
+            return str(block)
+    raise AssertionError(f"no ```{language} block starting {first_line!r} in {page.name}")
+
+
+def venv_with_the_wheel(root: Path, wheel: Path) -> Path:
+    """A new virtual environment with the wheel installed by pip; its dependencies (and
+    Alembic's command line) come from the test run's own site-packages, listed in a .pth
+    file, where the checkout's editable install cannot take effect. Returns its python."""
+    venv.create(root, with_pip=False)
+    python = root / "bin" / "python"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+         "--no-index", "--quiet", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    site_packages = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    (Path(site_packages) / "test_run_dependencies.pth").write_text(
+        "\n".join(sysconfig_paths()) + "\n", encoding="utf-8"
+    )
+    return python
+
+
+def sysconfig_paths() -> list[str]:
+    import sysconfig
+
+    return sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+
+
+def revision_fields(path: Path) -> dict[str, object]:
+    """The module-level ``revision``/``down_revision``/``branch_labels`` of a revision file."""
+    fields: dict[str, object] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.AnnAssign | ast.Assign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    fields[target.id] = ast.literal_eval(node.value)
+    return fields
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_documented_alembic_recipe_from_the_installed_wheel(
+    tmp_path: Path, wheel: Path, empty_database_url: str, empty_engine: Engine
+) -> None:
+    python = venv_with_the_wheel(tmp_path / "venv", wheel)
+    app = tmp_path / "app"
+    app.mkdir()
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [str(python), *args],
+            cwd=app,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, f"{args}:\n{result.stdout}{result.stderr}"
+        return result.stdout + result.stderr
+
+    # The package really is the wheel's, installed in the new environment.
+    installed = Path(run("-c", "import sqlalchemy_que; print(sqlalchemy_que.__file__)").strip())
+    assert installed.parent.parent == Path(
+        run("-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip()
+    )
+    ours = installed.parent / "_migrations" / "versions"
+    shipped = sorted(path.name for path in ours.glob("*.py"))
+
+    # An application as `alembic init` makes it, then set up as docs/alembic.md says.
+    run("-m", "alembic", "init", "migrations")
+    ini = fenced_block(DOCS_ALEMBIC, "ini", "[alembic]")
+    url = empty_database_url.replace("%", "%%")
+    ini = re.sub(r"^sqlalchemy\.url = .*$", f"sqlalchemy.url = {url}", ini, flags=re.MULTILINE)
+    generated = (app / "alembic.ini").read_text(encoding="utf-8")
+    logging_sections = generated[generated.index("[post_write_hooks]") :]
+    (app / "alembic.ini").write_text(ini + "\n" + logging_sections, encoding="utf-8")
+    env_py = fenced_block(DOCS_ALEMBIC, "py", "# migrations/env.py")
+    (app / "migrations" / "env.py").write_text(env_py, encoding="utf-8")
+    (app / "myapp").mkdir()
+    (app / "myapp" / "__init__.py").write_text("", encoding="utf-8")
+    (app / "myapp" / "models.py").write_text(APP_MODELS, encoding="utf-8")
+    versions = app / "migrations" / "versions"
+
+    # Our revisions are found, through the package resource.
+    assert f"{head_revision()} (que) (head)" in run("-m", "alembic", "heads")
+    run("-m", "alembic", "upgrade", "heads")
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3
+        assert recorded_revisions(connection, "alembic_version") == [head_revision()]
+        assert not table_exists(connection, VERSION_TABLE)
+
+    # The application's first revision: its own base, in its own folder.
+    run("-m", "alembic", "revision", "--autogenerate", "-m", "users")
+    (users,) = versions.glob("*.py")
+    text_of_users = users.read_text(encoding="utf-8")
+    assert "op.create_table('users'" in text_of_users
+    assert "que_jobs" not in text_of_users
+    assert revision_fields(users)["down_revision"] is None
+    assert sorted(path.name for path in ours.glob("*.py")) == shipped
+    run("-m", "alembic", "upgrade", "heads")
+
+    # The next ones go on the application's own head, in its own folder.
+    with (app / "myapp" / "models.py").open("a", encoding="utf-8") as models:
+        models.write(APP_MODELS_ORDERS)
+    run("-m", "alembic", "revision", "--autogenerate", "-m", "orders")
+    run("-m", "alembic", "upgrade", "heads")
+    run("-m", "alembic", "revision", "-m", "by hand")  # no autogenerate: the hook runs too
+    revisions = {revision_fields(path)["revision"]: path for path in versions.glob("*.py")}
+    assert len(revisions) == 3
+    by_parent = {revision_fields(path)["down_revision"]: rid for rid, path in revisions.items()}
+    orders = by_parent[revision_fields(users)["revision"]]
+    by_hand = by_parent[orders]
+    assert "op.create_table('orders'" in revisions[orders].read_text(encoding="utf-8")
+    assert sorted(path.name for path in ours.glob("*.py")) == shipped
+
+    run("-m", "alembic", "upgrade", "heads")
+    with empty_engine.connect() as connection:
+        assert {"users", "orders"} <= set(
+            connection.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            ).scalars()
+        )
+        assert recorded_revisions(connection, "alembic_version") == sorted(
+            [str(by_hand), head_revision()]
+        )
+
+    # Ours alone come off, and go back on.
+    run("-m", "alembic", "downgrade", "que@base")
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_jobs")
+        assert table_exists(connection, "orders")
+    run("-m", "alembic", "upgrade", "heads")
+    with empty_engine.connect() as connection:
+        assert read_shape(connection) == EXPECTED_V3

@@ -6,7 +6,10 @@ Create Date: 2026-11-27
 
 Online, the upgrade looks at what is there first:
 
-* no ``que_jobs``: create it exactly as Que 0.14.3 leaves it (version 3);
+* no ``que_jobs``: create it exactly as Que 0.14.3 leaves it (version 3), unless something
+  already holds the name of its sequence, ``que_jobs_job_id_seq`` (a sequence left over from an
+  earlier table, say): PostgreSQL would then name the new one ``que_jobs_job_id_seq1``, which
+  Que's upgrade cannot find, so the upgrade refuses, naming it;
 * ``que_jobs`` at version 3 (comment ``'3'``): adopt it as it is, touching no row;
 * ``que_jobs`` at version 1 or 2 (no comment, or ``'2'``): bring it to 3 with Que's own steps;
 * ``que_jobs`` of Que 1.x/2.x (comment ``'4'`` to ``'7'``): refuse, naming the version.
@@ -59,6 +62,16 @@ ALTER TABLE que_jobs
     ADD CONSTRAINT que_jobs_pkey PRIMARY KEY (queue, priority, run_at, job_id)
 """
 
+# What holds the name of the sequence that CREATE TABLE would make, in the schema it would
+# make it in.
+READ_SEQUENCE_NAME_HOLDER = """
+SELECT c.relkind::text
+FROM pg_class AS c
+WHERE c.relname = 'que_jobs_job_id_seq' AND c.relnamespace = current_schema()::regnamespace
+"""
+
+RELATION_KINDS = {"S": "a sequence", "r": "a table", "v": "a view", "m": "a materialized view"}
+
 READ_VERSION = """
 SELECT obj_description(c.oid, 'pg_class')
 FROM pg_class AS c
@@ -88,8 +101,20 @@ def upgrade() -> None:
         op.execute(CREATE_QUE_JOBS)
         op.execute(SET_VERSION_3)
         return
-    version = _installed_version(op.get_bind())
+    bind = op.get_bind()
+    version = _installed_version(bind)
     if version is None:
+        holder = bind.execute(sa.text(READ_SEQUENCE_NAME_HOLDER)).scalar()
+        if holder is not None:
+            kind = RELATION_KINDS.get(holder, f"a relation (relkind {holder!r})")
+            raise SchemaError(
+                f"cannot create que_jobs: {kind} named que_jobs_job_id_seq already exists "
+                "without that table, and Que's schema needs that name for the table's job_id "
+                "sequence (PostgreSQL would name the new one que_jobs_job_id_seq1, which Que's "
+                "upgrade cannot find). If it is left over from an earlier que_jobs and nothing "
+                "uses it, drop it (DROP SEQUENCE que_jobs_job_id_seq); else rename it. Then "
+                "migrate again"
+            )
         op.execute(CREATE_QUE_JOBS)
     elif version == 3:
         return  # adopted as it is: no DDL, no row touched
