@@ -13,8 +13,9 @@ conventions::
         print(session.scalars(select(QueJob.job_class)).all())
 
 The model lives on the library's own :data:`metadata`. An application with its own declarative
-``Base`` keeps both: it lists ``[Base.metadata, sqlalchemy_que.metadata]`` as Alembic's
-``target_metadata`` so that autogenerate knows the table and neither drops nor re-creates it.
+``Base`` and Alembic passes :func:`sqlalchemy_que.schema.include_object` to
+``context.configure(include_object=...)``, so that autogenerate neither drops nor re-creates
+the library's tables (``que_jobs`` and its version table); see ``docs/alembic.md``.
 """
 
 from __future__ import annotations
