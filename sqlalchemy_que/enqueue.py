@@ -35,6 +35,13 @@ from typing import TYPE_CHECKING, Any, Union
 from sqlalchemy import Connection, TextClause, text
 from sqlalchemy.orm import Session, scoped_session
 
+from ._checks import (
+    JobDefaults,
+    check_job_class,
+    check_priority,
+    check_queue,
+    check_run_at,
+)
 from ._json import _PreDumped, dump_args
 from .errors import InvalidJobError
 from .model import QueJob
@@ -47,55 +54,6 @@ __all__ = ["Bind", "enqueue", "insert_job", "insert_jobs", "insert_many", "job_v
 
 #: What the Core forms accept as "the caller's transaction".
 Bind = Union[Connection, Session, "scoped_session[Any]"]
-
-SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
-
-
-def _check_text(field: str, value: object, *, allow_empty: bool) -> str:
-    if not isinstance(value, str):
-        raise InvalidJobError(
-            f"{field} must be a str, got {value!r} of type {type(value).__name__}"
-        )
-    if not allow_empty and not value:
-        raise InvalidJobError(f"{field} must be a non-empty str naming the job, got {value!r}")
-    if "\x00" in value:
-        raise InvalidJobError(f"{field} {value!r} contains a NUL character, which text cannot hold")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        # Found here, not by the driver halfway through a COPY that aborts the transaction.
-        raise InvalidJobError(
-            f"{field} {value!r} is not valid UTF-8 text (lone surrogate)"
-        ) from None
-    return value
-
-
-def check_priority(priority: object) -> int:
-    """Return ``priority`` if it is an int in PostgreSQL's smallint range, else raise."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise InvalidJobError(
-            f"priority must be an int, got {priority!r} of type {type(priority).__name__}"
-        )
-    if not SMALLINT_MIN <= priority <= SMALLINT_MAX:
-        raise InvalidJobError(
-            f"priority {priority} is outside the smallint range "
-            f"{SMALLINT_MIN}..{SMALLINT_MAX} (lower numbers run first; the default is 100)"
-        )
-    return priority
-
-
-def _check_run_at(run_at: object) -> datetime.datetime:
-    if not isinstance(run_at, datetime.datetime):
-        raise InvalidJobError(
-            f"run_at must be a timezone-aware datetime, got {run_at!r} "
-            f"of type {type(run_at).__name__}"
-        )
-    if run_at.tzinfo is None or run_at.utcoffset() is None:
-        raise InvalidJobError(
-            f"run_at {run_at.isoformat()} has no time zone; pass an aware datetime such as "
-            "datetime.now(timezone.utc) + timedelta(minutes=5)"
-        )
-    return run_at
 
 
 def job_values(
@@ -115,9 +73,7 @@ def job_values(
     :raises InvalidJobError: naming the first bad field and value.
     """
     if not isinstance(job_class, str):
-        from .jobs import JobDefinition
-
-        if not isinstance(job_class, JobDefinition):
+        if not isinstance(job_class, JobDefaults):  # a JobDefinition
             raise InvalidJobError(
                 f"job_class must be a str or a JobDefinition, got {job_class!r} "
                 f"of type {type(job_class).__name__}"
@@ -127,15 +83,15 @@ def job_values(
         run_at = job_class.run_at if run_at is None else run_at
         job_class = job_class.name
     values: dict[str, Any] = {
-        "job_class": _check_text("job_class", job_class, allow_empty=False),
+        "job_class": check_job_class(job_class),
         "args": _PreDumped(dump_args(args)),
     }
     if queue is not None:
-        values["queue"] = _check_text("queue", queue, allow_empty=True)
+        values["queue"] = check_queue(queue)
     if priority is not None:
         values["priority"] = check_priority(priority)
     if run_at is not None:
-        values["run_at"] = _check_run_at(run_at)
+        values["run_at"] = check_run_at(run_at)
     return values
 
 

@@ -33,7 +33,8 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from .enqueue import Bind, check_priority, enqueue, insert_job
+from ._checks import JobDefaults, check_priority
+from .enqueue import Bind, enqueue, insert_job
 from .errors import InvalidJobError, QueError
 from .model import QueJob
 
@@ -170,7 +171,7 @@ Handler: TypeAlias = "Callable[..., object]"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class JobDefinition(Generic[P]):
+class JobDefinition(JobDefaults, Generic[P]):
     """A job declared once: its handler, name and defaults. Made by :func:`job`.
 
     Calling the definition calls the handler directly (handy in tests).

@@ -3,9 +3,12 @@ arguments, on a real PostgreSQL (contract sections 2 and 7)."""
 
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,3 +319,26 @@ def test_insert_many_refuses_a_bad_argument_list_before_sending(connection: Conn
         insert_many(connection, "Bad", ["not a list"])
     assert insert_many(connection, "Nothing", []) == 0
     assert rows(connection) == []
+
+
+def _runtime_imports(module: ast.Module) -> Iterator[str]:
+    """The modules a module imports when it runs (``if TYPE_CHECKING:`` blocks left out)."""
+    for node in ast.walk(module):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            node.body = []  # annotations only
+    for node in ast.walk(module):
+        if isinstance(node, ast.ImportFrom):
+            yield "." * node.level + (node.module or "")
+        elif isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+
+
+def test_enqueue_does_not_import_jobs_which_imports_it() -> None:
+    """The field checks both need live in a module of their own, so the dependency runs one
+    way: jobs imports enqueue, never the reverse (not even lazily, inside a function)."""
+    package = Path(que.__file__).parent
+    enqueue_imports = set(_runtime_imports(ast.parse((package / "enqueue.py").read_text())))
+    jobs_imports = set(_runtime_imports(ast.parse((package / "jobs.py").read_text())))
+    assert ".enqueue" in jobs_imports
+    assert not enqueue_imports & {".jobs", "sqlalchemy_que.jobs"}, enqueue_imports
+    assert "._checks" in enqueue_imports & jobs_imports

@@ -1,0 +1,90 @@
+"""The checks on a job's fields, shared by enqueueing and by job declarations.
+
+Both :mod:`sqlalchemy_que.enqueue` and :mod:`sqlalchemy_que.jobs` use these, so neither needs
+the other to check a field (the arguments' checks live in :mod:`sqlalchemy_que._json`). Each
+check returns the value it accepts, or raises :class:`~sqlalchemy_que.InvalidJobError` naming
+the field and the value, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from .errors import InvalidJobError
+
+SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
+
+
+class JobDefaults:
+    """What enqueueing needs to know of a declared job: its name and default fields.
+
+    :class:`~sqlalchemy_que.JobDefinition` derives from it, so that :func:`~sqlalchemy_que.
+    enqueue` can take a definition without importing :mod:`sqlalchemy_que.jobs` (which
+    imports enqueue).
+    """
+
+    __slots__ = ()
+
+    name: str
+    queue: str | None
+    priority: int | None
+    run_at: datetime.datetime | None
+
+
+def check_text(field: str, value: object, *, allow_empty: bool) -> str:
+    """Return ``value`` if it is text PostgreSQL's ``text`` can hold."""
+    if not isinstance(value, str):
+        raise InvalidJobError(
+            f"{field} must be a str, got {value!r} of type {type(value).__name__}"
+        )
+    if not allow_empty and not value:
+        raise InvalidJobError(f"{field} must be a non-empty str naming the job, got {value!r}")
+    if "\x00" in value:
+        raise InvalidJobError(f"{field} {value!r} contains a NUL character, which text cannot hold")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # Found here, not by the driver halfway through a COPY that aborts the transaction.
+        raise InvalidJobError(
+            f"{field} {value!r} is not valid UTF-8 text (lone surrogate)"
+        ) from None
+    return value
+
+
+def check_job_class(value: object) -> str:
+    """Return ``value`` if it is a valid ``job_class``."""
+    return check_text("job_class", value, allow_empty=False)
+
+
+def check_queue(value: object) -> str:
+    """Return ``value`` if it is a valid queue name (``''`` is the default queue)."""
+    return check_text("queue", value, allow_empty=True)
+
+
+def check_priority(priority: object) -> int:
+    """Return ``priority`` if it is an int in PostgreSQL's smallint range, else raise."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidJobError(
+            f"priority must be an int, got {priority!r} of type {type(priority).__name__}"
+        )
+    if not SMALLINT_MIN <= priority <= SMALLINT_MAX:
+        raise InvalidJobError(
+            f"priority {priority} is outside the smallint range "
+            f"{SMALLINT_MIN}..{SMALLINT_MAX} (lower numbers run first; the default is 100)"
+        )
+    return priority
+
+
+def check_run_at(run_at: object) -> datetime.datetime:
+    """Return ``run_at`` if it is a timezone-aware datetime."""
+    if not isinstance(run_at, datetime.datetime):
+        raise InvalidJobError(
+            f"run_at must be a timezone-aware datetime, got {run_at!r} "
+            f"of type {type(run_at).__name__}"
+        )
+    if run_at.tzinfo is None or run_at.utcoffset() is None:
+        raise InvalidJobError(
+            f"run_at {run_at.isoformat()} has no time zone; pass an aware datetime such as "
+            "datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    return run_at
