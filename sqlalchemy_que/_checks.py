@@ -14,6 +14,12 @@ from .errors import InvalidJobError
 
 SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
 
+#: The longest ``queue`` and ``job_class``, in characters. The queue is part of the primary
+#: key, whose index entries PostgreSQL limits to about 2,700 bytes: 500 characters are at
+#: most 2,000 bytes of UTF-8, which leaves room for the rest of the key. ``job_class`` has the
+#: same limit: it names a job (a class name), it is not a place for data.
+MAX_NAME_LENGTH = 500
+
 
 class JobDefaults:
     """What enqueueing needs to know of a declared job: its name and default fields.
@@ -31,14 +37,27 @@ class JobDefaults:
     run_at: datetime.datetime | None
 
 
-def check_text(field: str, value: object, *, allow_empty: bool) -> str:
-    """Return ``value`` if it is text PostgreSQL's ``text`` can hold."""
+def check_text(
+    field: str, value: object, *, allow_empty: bool, max_length: int = MAX_NAME_LENGTH
+) -> str:
+    """Return ``value`` if it is text PostgreSQL's ``text`` holds, at most ``max_length``
+    characters long."""
     if not isinstance(value, str):
         raise InvalidJobError(
             f"{field} must be a str, got {value!r} of type {type(value).__name__}"
         )
     if not allow_empty and not value:
         raise InvalidJobError(f"{field} must be a non-empty str naming the job, got {value!r}")
+    if len(value) > max_length:
+        reason = (
+            "it is part of que_jobs' primary key, whose index entries PostgreSQL limits"
+            if field == "queue"
+            else "it names a job; pass data as the job's arguments"
+        )
+        raise InvalidJobError(
+            f"{field} {value[:40]!r}... is {len(value)} characters long; at most {max_length} "
+            f"are allowed ({reason})"
+        )
     if "\x00" in value:
         raise InvalidJobError(f"{field} {value!r} contains a NUL character, which text cannot hold")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,18 +22,27 @@ from .errors import InvalidJobError
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _check(value: Any, path: str) -> None:
+def _check(value: Any, path: str, within: dict[int, str]) -> None:
     """Raise :class:`InvalidJobError` naming the first value under ``path`` that is not plain
-    JSON: only str, int, float (finite), bool, None, lists/tuples and str-keyed dicts."""
-    if value is None or isinstance(value, bool | int):
+    JSON: only str, int, float (finite), bool, None, lists/tuples and str-keyed dicts, with no
+    list or dict inside itself. ``within`` maps the id of each list and dict that encloses
+    ``value`` to its path."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        # Python refuses to write ints of more than sys.get_int_max_str_digits() digits
+        # (4300 by default); well below that, no need to try.
+        if value.bit_length() > _INT_BITS_ALWAYS_WRITTEN:
+            try:
+                int.__repr__(value)
+            except ValueError:
+                raise InvalidJobError(
+                    f"{path} is an int of more than {_max_int_digits()} digits, which Python "
+                    "does not convert to text (see sys.set_int_max_str_digits); pass it as a str"
+                ) from None
         return
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidJobError(
-                f"{path} is {value!r}, which is not valid UTF-8 text (lone surrogate)"
-            ) from None
+        _check_str(value, f"{path} is {value!r}, which")
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -41,23 +51,46 @@ def _check(value: Any, path: str) -> None:
                 "languages' Que workers cannot decode them"
             )
         return
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            _check(item, f"{path}[{index}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise InvalidJobError(
-                    f"{path} has the key {key!r} of type {type(key).__name__}; JSON object keys "
-                    "must be str (a non-str key would come back as a different value)"
-                )
-            _check(item, f"{path}[{key!r}]")
+    if isinstance(value, list | tuple | dict):
+        if id(value) in within:
+            raise InvalidJobError(
+                f"{path} is {within[id(value)]} itself (a reference cycle), which JSON cannot hold"
+            )
+        within[id(value)] = path
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise InvalidJobError(
+                        f"{path} has the key {key!r} of type {type(key).__name__}; JSON object "
+                        "keys must be str (a non-str key would come back as a different value)"
+                    )
+                _check_str(key, f"{path} has the key {key!r}, which")
+                _check(item, f"{path}[{key!r}]", within)
+        else:
+            for index, item in enumerate(value):
+                _check(item, f"{path}[{index}]", within)
+        del within[id(value)]
         return
     raise InvalidJobError(
         f"{path} is {value!r} of type {type(value).__name__}, which is not JSON-serialisable; "
         "pass str, int, float, bool, None, list or dict (convert it yourself, e.g. str(value))"
     )
+
+
+def _check_str(value: str, subject: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJobError(f"{subject} is not valid UTF-8 text (lone surrogate)") from None
+
+
+#: Ints up to this many bits have fewer than 640 digits, the lowest limit Python can be set to.
+_INT_BITS_ALWAYS_WRITTEN = 2000
+
+
+def _max_int_digits() -> int:
+    get_limit = getattr(sys, "get_int_max_str_digits", None)  # Python 3.10.7 and later
+    return int(get_limit()) if get_limit is not None else 4300
 
 
 def dump_args(args: Sequence[Any]) -> str:
@@ -77,7 +110,7 @@ def dump_args(args: Sequence[Any]) -> str:
         return "[" + ",".join([_SCALAR_WRITERS[type(arg)](arg) for arg in args]) + "]"
     except (KeyError, ValueError):
         pass
-    _check(args, "args")
+    _check(args, "args", {})
     return _encoder.encode(list(args))
 
 

@@ -108,10 +108,12 @@ def enqueue(
     in the session's transaction. Fields left out take the database defaults.
 
     :param job_class: the job's name, as workers in any language know it (``"SendEmail"``,
-        ``"Billing::ChargeJob"``), or a :class:`~sqlalchemy_que.JobDefinition`.
+        ``"Billing::ChargeJob"``), at most 500 characters; or a
+        :class:`~sqlalchemy_que.JobDefinition`.
     :param args: the job's positional arguments; plain JSON values only (str, int, finite
-        float, bool, None, lists, dicts with str keys).
-    :param queue: the queue's name; default the definition's queue, else ``''``.
+        float, bool, None, lists, dicts with str keys), with no list or dict inside itself.
+    :param queue: the queue's name, at most 500 characters; default the definition's queue,
+        else ``''``.
     :param priority: -32768..32767, lower runs first; default the definition's, else 100.
     :param run_at: a timezone-aware time before which the job does not run; default the
         definition's (set by its ``options()``), else ``now()`` by the database clock.

@@ -33,7 +33,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from ._checks import JobDefaults, check_priority
+from ._checks import JobDefaults, check_job_class, check_priority, check_queue
 from .enqueue import Bind, enqueue, insert_job
 from .errors import InvalidJobError, QueError
 from .model import QueJob
@@ -187,10 +187,11 @@ class JobDefinition(JobDefaults, Generic[P]):
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise InvalidJobError(f"a job's name must be a non-empty str, got {self.name!r}")
+        check_job_class(self.name)
         if self.priority is not None:
             check_priority(self.priority)
-        if self.queue is not None and not isinstance(self.queue, str):
-            raise InvalidJobError(f"queue must be a str, got {self.queue!r}")
+        if self.queue is not None:
+            check_queue(self.queue)
         delay = self.retry_delay
         if (
             delay is not None

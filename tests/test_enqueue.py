@@ -342,3 +342,118 @@ def test_enqueue_does_not_import_jobs_which_imports_it() -> None:
     assert ".enqueue" in jobs_imports
     assert not enqueue_imports & {".jobs", "sqlalchemy_que.jobs"}, enqueue_imports
     assert "._checks" in enqueue_imports & jobs_imports
+
+
+# Refusals that must leave the caller's transaction intact -----------------------------------
+
+
+def _self_containing_list() -> list[Any]:
+    loop: list[Any] = [1]
+    loop.append(loop)
+    return loop
+
+
+def _self_containing_dict() -> dict[str, Any]:
+    loop: dict[str, Any] = {}
+    loop["again"] = loop
+    return loop
+
+
+#: (job_class, args, queue, message): values the driver or server used to fail on, mid-COPY
+#: or mid-flush, after the caller's transaction had been written to.
+DRIVER_FAILURES: dict[str, tuple[str, list[Any], str | None, str]] = {
+    "surrogate in a dict key": (
+        "Job",
+        [1, {"ok": 1, "bad\ud800": 2}],
+        None,
+        r"args\[1\] has the key 'bad\\ud800', which is not valid UTF-8 text \(lone surrogate\)",
+    ),
+    "surrogate in a nested key": (
+        "Job",
+        [[{"\udfff": None}]],
+        None,
+        r"args\[0\]\[0\] has the key '\\udfff', which is not valid UTF-8",
+    ),
+    "queue too long for the index": (
+        "Job",
+        [1],
+        "q" * 3000,
+        r"queue 'q{40}'\.\.\. is 3000 characters long; at most 500 are allowed",
+    ),
+    "job_class too long": (
+        "J" * 501,
+        [1],
+        None,
+        r"job_class 'J{40}'\.\.\. is 501 characters long; at most 500 are allowed",
+    ),
+    "self-containing list": (
+        "Job",
+        ["a", _self_containing_list()],
+        None,
+        r"args\[1\]\[1\] is args\[1\] itself \(a reference cycle\), which JSON cannot hold",
+    ),
+    "self-containing dict": (
+        "Job",
+        [_self_containing_dict()],
+        None,
+        r"args\[0\]\['again'\] is args\[0\] itself \(a reference cycle\)",
+    ),
+    "int too long to write": (
+        "Job",
+        [1, 10**5000],
+        None,
+        r"args\[1\] is an int of more than 4300 digits, which Python does not convert to text",
+    ),
+}
+
+ENQUEUE_FORMS = ["enqueue", "insert_job", "insert_jobs", "insert_many"]
+
+
+def enqueue_in(
+    session: Session, form: str, job_class: str, args: list[Any], queue: str | None
+) -> None:
+    """Enqueue one job in ``session`` by one of the four forms (the COPY forms with a good job
+    before the bad one)."""
+    if form == "enqueue":
+        session.add(enqueue(job_class, *args, queue=queue))
+    elif form == "insert_job":
+        insert_job(session, job_class, *args, queue=queue)
+    elif form == "insert_jobs":
+        built_directly = QueJob(job_class=job_class, args=args, queue=queue)
+        insert_jobs(session, [enqueue("Fine", 0), built_directly])
+    else:
+        insert_many(session, job_class, [[0], args], queue=queue)
+
+
+def committed_job_classes(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(
+            connection.execute(text("SELECT job_class FROM que_jobs ORDER BY job_id")).scalars()
+        )
+
+
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+@pytest.mark.parametrize("case", list(DRIVER_FAILURES))
+def test_values_the_driver_would_fail_on_are_refused_keeping_the_transaction(
+    engine: Engine, form: str, case: str
+) -> None:
+    job_class, args, queue, message = DRIVER_FAILURES[case]
+    with Session(engine) as session:
+        insert_job(session, "SentBefore")  # already written in the transaction
+        session.add(enqueue("PendingBefore"))  # waiting for the next flush
+        with pytest.raises(InvalidJobError, match=message):
+            enqueue_in(session, form, job_class, args, queue)
+        session.add(enqueue("AddedAfter"))
+        session.commit()
+    assert sorted(committed_job_classes(engine)) == ["AddedAfter", "PendingBefore", "SentBefore"]
+
+
+def test_the_longest_queue_and_job_class_are_stored_even_in_four_byte_characters(
+    connection: Connection,
+) -> None:
+    longest = "𝄞" * 500  # 2,000 bytes of UTF-8: still fits the primary key's index
+    insert_job(connection, longest, queue=longest)
+    insert_jobs(connection, [enqueue(longest, queue=longest)])
+    insert_many(connection, longest, [[1]], queue=longest)
+    stored = connection.execute(text("SELECT job_class, queue FROM que_jobs")).all()
+    assert [tuple(row) for row in stored] == [(longest, longest)] * 3

@@ -22,6 +22,7 @@ from sqlalchemy_que import (
     enqueue,
     insert_job,
     insert_jobs,
+    insert_many,
     job,
 )
 
@@ -50,6 +51,9 @@ argument_lists = st.lists(json_values, max_size=5)
 
 #: Any text PostgreSQL's ``text`` can hold (surrogates are excluded by default).
 stored_text = st.text(alphabet=st.characters(exclude_characters="\x00"))
+
+#: Any text accepted as a job_class or queue: at most 500 characters.
+name_text = st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=500)
 
 #: Text that cannot be encoded as UTF-8: it holds a lone surrogate.
 broken_text = st.builds(
@@ -130,7 +134,7 @@ def test_bulk_insert_stores_any_json_arguments_exactly(
 
 
 @EXAMPLES
-@given(job_class=stored_text.filter(bool), queue=stored_text)
+@given(job_class=name_text.filter(bool), queue=name_text)
 def test_job_class_and_queue_text_round_trips_exactly(
     connection: Connection, job_class: str, queue: str
 ) -> None:
@@ -161,6 +165,46 @@ def test_text_with_a_lone_surrogate_is_refused_before_anything_is_sent(
     with pytest.raises(InvalidJobError, match=rf"jobs\[1\]: {message}"):
         insert_jobs(connection, [enqueue("Good"), built_directly])
     # Nothing reached the server: the transaction is still usable and the table empty.
+    assert connection.execute(text("SELECT count(*) FROM que_jobs")).scalar_one() == 0
+
+
+@EXAMPLES
+@given(key=broken_text, depth=st.integers(min_value=0, max_value=3), position=st.integers(0, 2))
+def test_a_lone_surrogate_in_a_dict_key_is_refused_in_every_form(
+    connection: Connection, key: str, depth: int, position: int
+) -> None:
+    value: Any = {key: 1}
+    path = f"args[{position}]"
+    for _ in range(depth):
+        value = [value]
+        path += "[0]"
+    args = [*range(position), value]
+    message = rf"{re.escape(path)} has the key {re.escape(repr(key))}, which is not valid UTF-8"
+    with pytest.raises(InvalidJobError, match=message):
+        enqueue("Job", *args)
+    with pytest.raises(InvalidJobError, match=message):
+        insert_job(connection, "Job", *args)
+    with pytest.raises(InvalidJobError, match=rf"jobs\[1\]: {message}"):
+        insert_jobs(connection, [enqueue("Good"), QueJob(job_class="Job", args=args)])
+    with pytest.raises(InvalidJobError, match=rf"arguments\[1\]: {message}"):
+        insert_many(connection, "Job", [[], args])
+    # Nothing reached the server: the transaction is still usable and the table empty.
+    assert connection.execute(text("SELECT count(*) FROM que_jobs")).scalar_one() == 0
+
+
+@EXAMPLES
+@given(value=st.text(min_size=501, max_size=3000), field=st.sampled_from(["job_class", "queue"]))
+def test_a_job_class_or_queue_over_500_characters_is_refused_naming_it(
+    connection: Connection, value: str, field: str
+) -> None:
+    message = rf"{field} {re.escape(repr(value[:40]))}\.\.\. is {len(value)} characters long"
+    fields = {"job_class": "Job", "queue": "q", field: value}
+    with pytest.raises(InvalidJobError, match=message):
+        enqueue(fields["job_class"], queue=fields["queue"])
+    with pytest.raises(InvalidJobError, match=message):
+        insert_job(connection, fields["job_class"], queue=fields["queue"])
+    with pytest.raises(InvalidJobError, match=message):
+        insert_many(connection, fields["job_class"], [[1]], queue=fields["queue"])
     assert connection.execute(text("SELECT count(*) FROM que_jobs")).scalar_one() == 0
 
 
