@@ -19,14 +19,18 @@ from sqlalchemy.types import TypeDecorator
 
 from .errors import InvalidJobError
 
+#: The deepest nesting of lists and dicts accepted, the args array being level 1: Ruby Que
+#: 0.14.3 parses args with ``JSON.parse``, whose ``max_nesting`` is 100.
+MAX_DEPTH = 100
+
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _check(value: Any, path: str, within: dict[int, str]) -> None:
     """Raise :class:`InvalidJobError` naming the first value under ``path`` that is not plain
     JSON: only str, int, float (finite), bool, None, lists/tuples and str-keyed dicts, with no
-    list or dict inside itself. ``within`` maps the id of each list and dict that encloses
-    ``value`` to its path."""
+    list or dict inside itself, nested at most :data:`MAX_DEPTH` deep. ``within`` maps the id
+    of each list and dict that encloses ``value`` to its path, outermost first."""
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, int):
@@ -55,6 +59,13 @@ def _check(value: Any, path: str, within: dict[int, str]) -> None:
         if id(value) in within:
             raise InvalidJobError(
                 f"{path} is {within[id(value)]} itself (a reference cycle), which JSON cannot hold"
+            )
+        if len(within) >= MAX_DEPTH:
+            top = list(within.values())[1]  # the enclosing argument: within keeps nesting order
+            raise InvalidJobError(
+                f"{top} nests lists and dicts more than {MAX_DEPTH} levels deep (the args array "
+                "being level 1), which Ruby Que cannot read: its JSON.parse stops at "
+                f"{MAX_DEPTH} and the job would stay locked by a Ruby worker for good"
             )
         within[id(value)] = path
         if isinstance(value, dict):

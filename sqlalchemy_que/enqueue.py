@@ -111,7 +111,8 @@ def enqueue(
         ``"Billing::ChargeJob"``), at most 500 characters; or a
         :class:`~sqlalchemy_que.JobDefinition`.
     :param args: the job's positional arguments; plain JSON values only (str, int, finite
-        float, bool, None, lists, dicts with str keys), with no list or dict inside itself.
+        float, bool, None, lists, dicts with str keys), nested at most 100 levels deep (the
+        args array being level 1), with no list or dict inside itself.
     :param queue: the queue's name, at most 500 characters; default the definition's queue,
         else ``''``.
     :param priority: -32768..32767, lower runs first; default the definition's, else 100.

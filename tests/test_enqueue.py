@@ -457,3 +457,42 @@ def test_the_longest_queue_and_job_class_are_stored_even_in_four_byte_characters
     insert_many(connection, longest, [[1]], queue=longest)
     stored = connection.execute(text("SELECT job_class, queue FROM que_jobs")).all()
     assert [tuple(row) for row in stored] == [(longest, longest)] * 3
+
+
+def nested_args(levels: int, *, inner: Any = None) -> list[Any]:
+    """Arguments whose JSON array nests ``levels`` deep, the args array being level 1, with
+    ``inner`` at the bottom (lists, with a dict on every other level)."""
+    value: Any = [] if inner is None else [inner]
+    for level in range(levels - 2):
+        value = {"level": value} if level % 2 else [value]
+    return ["first", value]
+
+
+def test_arguments_nested_100_levels_are_stored_as_given(connection: Connection) -> None:
+    args = nested_args(100, inner=1)
+    expected = json.dumps(args, separators=(",", ":"))
+    assert expected.count("[") + expected.count("{") == 100
+    insert_job(connection, "Deep", *args)
+    insert_jobs(connection, [enqueue("Deep", *args)])
+    insert_many(connection, "Deep", [args])
+    stored = connection.execute(text("SELECT args::text FROM que_jobs")).scalars().all()
+    assert stored == [expected] * 3
+
+
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+@pytest.mark.parametrize("levels", [101, 150, 5000])
+def test_arguments_nested_deeper_than_ruby_reads_are_refused(
+    engine: Engine, form: str, levels: int
+) -> None:
+    """Ruby Que 0.14.3 parses args with JSON.parse (max_nesting 100) in its lock step, and a
+    job it cannot parse stays locked by the Ruby worker for good."""
+    message = (
+        r"args\[1\] nests lists and dicts more than 100 levels deep \(the args array being "
+        r"level 1\), which Ruby Que cannot read"
+    )
+    with Session(engine) as session:
+        session.add(enqueue("PendingBefore"))
+        with pytest.raises(InvalidJobError, match=message):
+            enqueue_in(session, form, "Deep", nested_args(levels), None)
+        session.commit()
+    assert committed_job_classes(engine) == ["PendingBefore"]
