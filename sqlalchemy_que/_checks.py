@@ -20,6 +20,15 @@ SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
 #: same limit: it names a job (a class name), it is not a place for data.
 MAX_NAME_LENGTH = 500
 
+_UTC = datetime.timezone.utc
+
+#: The earliest and latest ``run_at`` accepted (both included). Python's ``datetime`` stops at
+#: the years 1 and 9999: a time within a day of those, written in one time zone, cannot be
+#: read back in another (the database sends ``run_at`` in its session's time zone), and a row
+#: that cannot be read blocks its whole queue. The range keeps centuries of margin.
+RUN_AT_MIN = datetime.datetime(1900, 1, 1, tzinfo=_UTC)
+RUN_AT_MAX = datetime.datetime(9000, 1, 1, tzinfo=_UTC)
+
 
 class JobDefaults:
     """What enqueueing needs to know of a declared job: its name and default fields.
@@ -95,7 +104,8 @@ def check_priority(priority: object) -> int:
 
 
 def check_run_at(run_at: object) -> datetime.datetime:
-    """Return ``run_at`` if it is a timezone-aware datetime."""
+    """Return ``run_at`` if it is an aware datetime within :data:`RUN_AT_MIN` ..
+    :data:`RUN_AT_MAX`."""
     if not isinstance(run_at, datetime.datetime):
         raise InvalidJobError(
             f"run_at must be a timezone-aware datetime, got {run_at!r} "
@@ -105,5 +115,12 @@ def check_run_at(run_at: object) -> datetime.datetime:
         raise InvalidJobError(
             f"run_at {run_at.isoformat()} has no time zone; pass an aware datetime such as "
             "datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    # Compared, not converted: converting datetime.min at +03:00 to UTC would overflow.
+    if not RUN_AT_MIN <= run_at <= RUN_AT_MAX:
+        raise InvalidJobError(
+            f"run_at {run_at.isoformat()} is outside {RUN_AT_MIN:%Y-%m-%d} .. "
+            f"{RUN_AT_MAX:%Y-%m-%d} UTC, the range every client can read back in any time "
+            "zone; leave run_at out to run the job now, or pick a time inside the range"
         )
     return run_at

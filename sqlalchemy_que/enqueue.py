@@ -116,8 +116,9 @@ def enqueue(
     :param queue: the queue's name, at most 500 characters; default the definition's queue,
         else ``''``.
     :param priority: -32768..32767, lower runs first; default the definition's, else 100.
-    :param run_at: a timezone-aware time before which the job does not run; default the
-        definition's (set by its ``options()``), else ``now()`` by the database clock.
+    :param run_at: a timezone-aware time before which the job does not run, from 1900-01-01
+        to 9000-01-01 UTC; default the definition's (set by its ``options()``), else
+        ``now()`` by the database clock.
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
     values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)

@@ -33,7 +33,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from ._checks import JobDefaults, check_job_class, check_priority, check_queue
+from ._checks import JobDefaults, check_job_class, check_priority, check_queue, check_run_at
 from .enqueue import Bind, enqueue, insert_job
 from .errors import InvalidJobError, QueError
 from .model import QueJob
@@ -192,6 +192,8 @@ class JobDefinition(JobDefaults, Generic[P]):
             check_priority(self.priority)
         if self.queue is not None:
             check_queue(self.queue)
+        if self.run_at is not None:
+            check_run_at(self.run_at)
         delay = self.retry_delay
         if (
             delay is not None

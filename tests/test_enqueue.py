@@ -7,6 +7,7 @@ import ast
 import datetime
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -409,20 +410,18 @@ DRIVER_FAILURES: dict[str, tuple[str, list[Any], str | None, str]] = {
 ENQUEUE_FORMS = ["enqueue", "insert_job", "insert_jobs", "insert_many"]
 
 
-def enqueue_in(
-    session: Session, form: str, job_class: str, args: list[Any], queue: str | None
-) -> None:
+def enqueue_in(session: Session, form: str, job_class: str, args: list[Any], **fields: Any) -> None:
     """Enqueue one job in ``session`` by one of the four forms (the COPY forms with a good job
     before the bad one)."""
     if form == "enqueue":
-        session.add(enqueue(job_class, *args, queue=queue))
+        session.add(enqueue(job_class, *args, **fields))
     elif form == "insert_job":
-        insert_job(session, job_class, *args, queue=queue)
+        insert_job(session, job_class, *args, **fields)
     elif form == "insert_jobs":
-        built_directly = QueJob(job_class=job_class, args=args, queue=queue)
+        built_directly = QueJob(job_class=job_class, args=args, **fields)
         insert_jobs(session, [enqueue("Fine", 0), built_directly])
     else:
-        insert_many(session, job_class, [[0], args], queue=queue)
+        insert_many(session, job_class, [[0], args], **fields)
 
 
 def committed_job_classes(engine: Engine) -> list[str]:
@@ -442,7 +441,7 @@ def test_values_the_driver_would_fail_on_are_refused_keeping_the_transaction(
         insert_job(session, "SentBefore")  # already written in the transaction
         session.add(enqueue("PendingBefore"))  # waiting for the next flush
         with pytest.raises(InvalidJobError, match=message):
-            enqueue_in(session, form, job_class, args, queue)
+            enqueue_in(session, form, job_class, args, queue=queue)
         session.add(enqueue("AddedAfter"))
         session.commit()
     assert sorted(committed_job_classes(engine)) == ["AddedAfter", "PendingBefore", "SentBefore"]
@@ -493,6 +492,57 @@ def test_arguments_nested_deeper_than_ruby_reads_are_refused(
     with Session(engine) as session:
         session.add(enqueue("PendingBefore"))
         with pytest.raises(InvalidJobError, match=message):
-            enqueue_in(session, form, "Deep", nested_args(levels), None)
+            enqueue_in(session, form, "Deep", nested_args(levels))
         session.commit()
     assert committed_job_classes(engine) == ["PendingBefore"]
+
+
+# run_at: only what every client can read back ------------------------------------------------
+
+
+def at(offset_hours: float) -> datetime.timezone:
+    return datetime.timezone(datetime.timedelta(hours=offset_hours))
+
+
+UNREADABLE_RUN_AT = {
+    "datetime.min east of UTC": datetime.datetime.min.replace(tzinfo=at(3)),
+    "datetime.min in UTC": datetime.datetime.min.replace(tzinfo=UTC),
+    "datetime.max west of UTC": datetime.datetime.max.replace(tzinfo=at(-5)),
+    "datetime.max in UTC": datetime.datetime.max.replace(tzinfo=UTC),
+    "just before 1900 UTC": datetime.datetime(1900, 1, 1, 0, 59, 59, 999999, tzinfo=at(1)),
+    "just after 9000 UTC": datetime.datetime(8999, 12, 31, 19, 0, 0, 1, tzinfo=at(-5)),
+}
+
+
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+@pytest.mark.parametrize("case", list(UNREADABLE_RUN_AT))
+def test_a_run_at_out_of_the_readable_range_is_refused(
+    engine: Engine, form: str, case: str
+) -> None:
+    """Such a row is first in line, and its run_at cannot be decoded into a datetime in some
+    session time zone: the lock query would fail on it every time, stalling the queue."""
+    run_at = UNREADABLE_RUN_AT[case]
+    message = rf"run_at {re.escape(run_at.isoformat())} is outside 1900-01-01 \.\. 9000-01-01 UTC"
+    with Session(engine) as session:
+        session.add(enqueue("PendingBefore"))
+        with pytest.raises(InvalidJobError, match=message):
+            enqueue_in(session, form, "Job", [1], run_at=run_at)
+        session.commit()
+    assert committed_job_classes(engine) == ["PendingBefore"]
+
+
+@pytest.mark.parametrize(
+    "time_zone", ["UTC", "Etc/GMT+12", "Pacific/Kiritimati", "America/New_York", "-15:59"]
+)
+def test_the_ends_of_the_range_are_stored_and_read_back_in_any_time_zone(
+    connection: Connection, time_zone: str
+) -> None:
+    earliest = datetime.datetime(1899, 12, 31, 14, tzinfo=at(-10))  # 1900-01-01T00:00Z
+    latest = datetime.datetime(9000, 1, 1, 14, tzinfo=at(14))  # 9000-01-01T00:00Z
+    insert_job(connection, "Earliest", run_at=earliest)
+    insert_many(connection, "Latest", [[1]], run_at=latest)
+    connection.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": time_zone})
+    assert [(row["job_class"], row["run_at"]) for row in rows(connection)] == [
+        ("Earliest", earliest),
+        ("Latest", latest),
+    ]

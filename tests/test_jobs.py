@@ -121,11 +121,15 @@ def test_options_change_only_what_is_given_and_accept_zero_and_empty(session: Se
     assert stored(session) == [("SendEmail", "mail", 0, "[1]"), ("SendEmail", "", 10, "[2]")]
 
 
-def test_options_are_checked(session: Session) -> None:
+def test_options_are_checked_when_given() -> None:
     with pytest.raises(InvalidJobError, match=r"priority 40000 is outside the smallint range"):
         send_email.options(priority=40000)
     with pytest.raises(InvalidJobError, match=r"run_at 2030-01-01T00:00:00 has no time zone"):
-        send_email.options(run_at=datetime.datetime(2030, 1, 1)).enqueue(1)
+        send_email.options(run_at=datetime.datetime(2030, 1, 1))
+    with pytest.raises(InvalidJobError, match=r"run_at 9999-12-31T23:59:59.999999\+00:00 is out"):
+        send_email.options(run_at=datetime.datetime.max.replace(tzinfo=UTC))
+    with pytest.raises(InvalidJobError, match=r"queue must be a str, got 1 of type int"):
+        send_email.options(queue=1)  # type: ignore[arg-type]
 
 
 def test_keyword_arguments_are_bound_to_their_positions(session: Session) -> None:
