@@ -9,6 +9,7 @@ the field and the value, before anything is sent.
 from __future__ import annotations
 
 import datetime
+import math
 
 from .errors import InvalidJobError
 
@@ -29,6 +30,9 @@ _UTC = datetime.timezone.utc
 RUN_AT_MIN = datetime.datetime(1900, 1, 1, tzinfo=_UTC)
 RUN_AT_MAX = datetime.datetime(9000, 1, 1, tzinfo=_UTC)
 
+#: The longest ``run_in``: a hundred years, which keeps ``now() + run_in`` inside the range.
+RUN_IN_MAX = datetime.timedelta(days=36525)
+
 
 class JobDefaults:
     """What enqueueing needs to know of a declared job: its name and default fields.
@@ -44,6 +48,7 @@ class JobDefaults:
     queue: str | None
     priority: int | None
     run_at: datetime.datetime | None
+    run_in: datetime.timedelta | float | None
 
 
 def check_text(
@@ -124,3 +129,47 @@ def check_run_at(run_at: object) -> datetime.datetime:
             "zone; leave run_at out to run the job now, or pick a time inside the range"
         )
     return run_at
+
+
+def check_run_in(run_in: object) -> datetime.timedelta:
+    """Return ``run_in`` (a ``timedelta``, or seconds as an int or float) as a ``timedelta``
+    if it is finite, not negative and at most :data:`RUN_IN_MAX`."""
+    if isinstance(run_in, datetime.timedelta):
+        delay = run_in
+    elif isinstance(run_in, int | float) and not isinstance(run_in, bool):
+        if not math.isfinite(run_in):
+            raise InvalidJobError(f"run_in must be a finite number of seconds, got {run_in!r}")
+        if abs(run_in) > RUN_IN_MAX.total_seconds():  # before timedelta() could overflow
+            raise _run_in_too_long(run_in)
+        delay = datetime.timedelta(seconds=run_in)
+    else:
+        raise InvalidJobError(
+            f"run_in must be a datetime.timedelta or a number of seconds, got {run_in!r} "
+            f"of type {type(run_in).__name__}"
+        )
+    if delay < datetime.timedelta(0):
+        raise InvalidJobError(f"run_in must not be negative, got {run_in!r}")
+    if delay > RUN_IN_MAX:
+        raise _run_in_too_long(run_in)
+    return delay
+
+
+def _run_in_too_long(run_in: object) -> InvalidJobError:
+    return InvalidJobError(
+        f"run_in {run_in!r} is longer than {RUN_IN_MAX.days} days (100 years); "
+        "pass run_at for a fixed time far ahead"
+    )
+
+
+def check_schedule(
+    run_at: object, run_in: object
+) -> tuple[datetime.datetime | None, datetime.timedelta | None]:
+    """Check ``run_at`` and ``run_in``, of which at most one may be given (not None)."""
+    if run_at is not None and run_in is not None:
+        raise InvalidJobError(
+            f"give run_at or run_in, not both (got run_at={run_at!r} and run_in={run_in!r})"
+        )
+    return (
+        None if run_at is None else check_run_at(run_at),
+        None if run_in is None else check_run_in(run_in),
+    )

@@ -29,18 +29,21 @@ from __future__ import annotations
 
 import datetime
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union
 
-from sqlalchemy import Connection, TextClause, text
+from sqlalchemy import BigInteger, Connection, DateTime, TextClause, bindparam, text
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, scoped_session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from ._checks import (
     JobDefaults,
     check_job_class,
     check_priority,
     check_queue,
-    check_run_at,
+    check_schedule,
 )
 from ._json import _PreDumped, dump_args
 from .errors import InvalidJobError
@@ -63,12 +66,15 @@ def job_values(
     queue: str | None = None,
     priority: int | None = None,
     run_at: datetime.datetime | None = None,
+    run_in: datetime.timedelta | float | None = None,
 ) -> dict[str, Any]:
     """Check a job's fields and return the column values to insert.
 
     Only the fields that were given appear in the result, so the others take the database
     defaults. A :class:`~sqlalchemy_que.JobDefinition` supplies its name and its default
-    queue, priority and run_at. ``args`` comes back as compact JSON text.
+    queue, priority and run_at or run_in. ``args`` comes back as compact JSON text, and a
+    ``run_in`` as a ``timedelta`` under the key ``"run_in"``: the job's ``run_at`` is the
+    database's ``now()`` plus that.
 
     :raises InvalidJobError: naming the first bad field and value.
     """
@@ -80,7 +86,8 @@ def job_values(
             )
         queue = job_class.queue if queue is None else queue
         priority = job_class.priority if priority is None else priority
-        run_at = job_class.run_at if run_at is None else run_at
+        if run_at is None and run_in is None:  # a time given here replaces the definition's
+            run_at, run_in = job_class.run_at, job_class.run_in
         job_class = job_class.name
     values: dict[str, Any] = {
         "job_class": check_job_class(job_class),
@@ -90,8 +97,11 @@ def job_values(
         values["queue"] = check_queue(queue)
     if priority is not None:
         values["priority"] = check_priority(priority)
-    if run_at is not None:
-        values["run_at"] = check_run_at(run_at)
+    checked_run_at, checked_run_in = check_schedule(run_at, run_in)
+    if checked_run_at is not None:
+        values["run_at"] = checked_run_at
+    if checked_run_in is not None:
+        values["run_in"] = checked_run_in
     return values
 
 
@@ -101,6 +111,7 @@ def enqueue(
     queue: str | None = None,
     priority: int | None = None,
     run_at: datetime.datetime | None = None,
+    run_in: datetime.timedelta | float | None = None,
 ) -> QueJob:
     """Build a checked, unsaved :class:`~sqlalchemy_que.QueJob` for ``session.add()``.
 
@@ -119,11 +130,44 @@ def enqueue(
     :param run_at: a timezone-aware time before which the job does not run, from 1900-01-01
         to 9000-01-01 UTC; default the definition's (set by its ``options()``), else
         ``now()`` by the database clock.
+    :param run_in: instead of ``run_at``, a delay (a ``timedelta``, or seconds as an int or
+        float; at most 100 years) after the database's ``now()``, the start of the
+        transaction. ``run_at`` is then filled in at flush.
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
-    values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
+    values = job_values(
+        job_class, args, queue=queue, priority=priority, run_at=run_at, run_in=run_in
+    )
     values["args"] = list(args)
+    if "run_in" in values:
+        values["run_at"] = _AfterNow(values.pop("run_in"))
     return QueJob(**values)
+
+
+class _AfterNow(FunctionElement[datetime.datetime]):
+    """The ``run_at`` of a job enqueued with ``run_in``: the database's ``now()`` plus the
+    delay, which it keeps as :attr:`run_in` for :func:`insert_jobs`."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+    def __init__(self, run_in: datetime.timedelta) -> None:
+        self.run_in = run_in
+        super().__init__(bindparam(None, _microseconds(run_in), type_=BigInteger()))
+
+
+@compiles(_AfterNow)
+def _compile_after_now(element: _AfterNow, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"now() + {compiler.process(element.clauses, **kw)} * {_ONE_MICROSECOND}"
+
+
+#: A delay is added as a count of microseconds, elapsed time as a ``timedelta`` means it: an
+#: interval of days would be calendar days in the session's time zone, some 23 or 25 hours.
+_ONE_MICROSECOND = "INTERVAL '1 microsecond'"
+
+
+def _microseconds(delay: datetime.timedelta) -> int:
+    return (delay.days * 86_400 + delay.seconds) * 1_000_000 + delay.microseconds
 
 
 def insert_job(
@@ -133,6 +177,7 @@ def insert_job(
     queue: str | None = None,
     priority: int | None = None,
     run_at: datetime.datetime | None = None,
+    run_in: datetime.timedelta | float | None = None,
 ) -> int:
     """Insert one job with a single ``INSERT ... RETURNING`` in ``bind``'s transaction.
 
@@ -142,9 +187,16 @@ def insert_job(
     :returns: the new job's ``job_id``.
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
-    values = job_values(job_class, args, queue=queue, priority=priority, run_at=run_at)
-    wakeup = pending_wakeup(_connection_of(bind), values.get("queue", ""), values.get("run_at"))
-    columns = tuple(name for name in _COPY_ORDER if name in values)
+    values = job_values(
+        job_class, args, queue=queue, priority=priority, run_at=run_at, run_in=run_in
+    )
+    due = values.get("run_at")
+    if "run_in" in values:
+        # The wake-up's time is a hint for the listener (which compares it with its own clock).
+        due = datetime.datetime.now(_UTC) + values["run_in"]
+        values["run_in"] = _microseconds(values["run_in"])
+    wakeup = pending_wakeup(_connection_of(bind), values.get("queue", ""), due)
+    columns = tuple(name for name in _INSERT_ORDER if name in values)
     if wakeup is not None:
         values["channel"], values["payload"] = wakeup
     row = bind.execute(_insert_statement(columns, notify=wakeup is not None), values).first()
@@ -152,23 +204,28 @@ def insert_job(
     return int(row[0])
 
 
-_COLUMN_TYPES = {
-    "job_class": "text",
-    "args": "json",
-    "queue": "text",
-    "priority": "smallint",
-    "run_at": "timestamptz",
+_UTC = datetime.timezone.utc
+
+#: The column each value of :func:`job_values` fills, and the SQL that binds it.
+_COLUMNS = {
+    "job_class": ("job_class", "CAST(:job_class AS text)"),
+    "args": ("args", "CAST(:args AS json)"),
+    "queue": ("queue", "CAST(:queue AS text)"),
+    "priority": ("priority", "CAST(:priority AS smallint)"),
+    "run_at": ("run_at", "CAST(:run_at AS timestamptz)"),
+    "run_in": ("run_at", f"now() + CAST(:run_in AS bigint) * {_ONE_MICROSECOND}"),
 }
+_INSERT_ORDER = tuple(_COLUMNS)
 
 
 @functools.cache
 def _insert_statement(columns: tuple[str, ...], *, notify: bool) -> TextClause:
-    """The single-job INSERT for a set of given columns (names from the fixed list above),
+    """The single-job INSERT for a set of given values (names from the fixed list above),
     with the wake-up riding in the same statement, and round trip, when ``notify``.
 
     Built once per shape, so that SQLAlchemy's compiled cache serves every call."""
-    names = ", ".join(columns)
-    binds = ", ".join(f"CAST(:{name} AS {_COLUMN_TYPES[name]})" for name in columns)
+    names = ", ".join(_COLUMNS[name][0] for name in columns)
+    binds = ", ".join(_COLUMNS[name][1] for name in columns)
     insert_sql = f"INSERT INTO que_jobs ({names}) VALUES ({binds}) RETURNING job_id"
     if not notify:
         return text(insert_sql)
@@ -182,17 +239,25 @@ def _connection_of(bind: Bind) -> Connection:
     return bind.connection() if isinstance(bind, Session | scoped_session) else bind
 
 
+#: The columns COPY writes, in this order; run_at last, where a row due ``now() + run_in``
+#: gets its time once the database's now() is known.
 _COPY_ORDER = ("job_class", "args", "queue", "priority", "run_at")
 
 
 def _values_of(job: QueJob) -> dict[str, Any]:
     state = job.__dict__
+    run_at = state.get("run_at")
+    run_in: datetime.timedelta | None = None
+    if isinstance(run_at, _AfterNow):  # enqueue()d with run_in
+        run_in = run_at.run_in
+        run_at = None
     return job_values(
         state.get("job_class"),  # type: ignore[arg-type]  # checked by job_values
         state.get("args", []),
         queue=state.get("queue"),
         priority=state.get("priority"),
-        run_at=state.get("run_at"),
+        run_at=run_at,
+        run_in=run_in,
     )
 
 
@@ -202,14 +267,16 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
     Build the jobs with :func:`enqueue`; they are not added to any session. Every job is
     checked before the first row is sent, so a bad one leaves nothing behind. Jobs that leave
     different fields unset are copied in separate groups, so unset fields still take the
-    database defaults. It never commits.
+    database defaults. Jobs given ``run_in`` are due that long after the database's
+    ``now()``, read once before the copy. It never commits.
 
     :returns: the number of jobs inserted.
     :raises InvalidJobError: naming the bad job and value, before anything is sent.
     """
-    groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+    groups: dict[tuple[str, ...], list[list[Any]]] = {}
     # The earliest run_at per queue (None: now), for one wake-up per queue.
     earliest: dict[str, datetime.datetime | None] = {}
+    delayed: list[tuple[list[Any], str, datetime.timedelta]] = []  # rows due now() + run_in
     count = 0
     for index, job in enumerate(jobs):
         if not isinstance(job, QueJob):
@@ -220,18 +287,50 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
             values = _values_of(job)
         except InvalidJobError as exc:
             raise InvalidJobError(f"jobs[{index}]: {exc}") from None
+        run_in = values.pop("run_in", None)
+        if run_in is not None:
+            values["run_at"] = None  # known once the database's now() is
         columns = tuple(name for name in _COPY_ORDER if name in values)
-        groups.setdefault(columns, []).append(tuple(values[name] for name in columns))
-        queue, run_at = values.get("queue", ""), values.get("run_at")
-        if queue not in earliest or (
-            run_at is None or (earliest[queue] is not None and run_at < earliest[queue])
-        ):
-            earliest[queue] = run_at
+        row = [values[name] for name in columns]
+        groups.setdefault(columns, []).append(row)
+        queue = values.get("queue", "")
+        if run_in is None:
+            _note_due(earliest, queue, values.get("run_at"))
+        else:
+            delayed.append((row, queue, run_in))
         count += 1
     if not count:
         return 0
-    _copy(bind, groups, earliest)
+    connection = _connection_of(bind)
+    if delayed:
+        now = _database_now(connection)
+        for row, queue, run_in in delayed:
+            row[-1] = now + run_in
+            _note_due(earliest, queue, row[-1])
+    _copy(connection, groups, earliest)
     return count
+
+
+def _note_due(
+    earliest: dict[str, datetime.datetime | None], queue: str, run_at: datetime.datetime | None
+) -> None:
+    """Keep in ``earliest`` the earliest time a job of ``queue`` is due (None: now)."""
+    if queue not in earliest:
+        earliest[queue] = run_at
+        return
+    previous = earliest[queue]
+    if previous is not None and (run_at is None or run_at < previous):
+        earliest[queue] = run_at
+
+
+def _database_now(connection: Connection) -> datetime.datetime:
+    """The database's ``now()``: the start of the transaction, the time the default run_at
+    and the single-row forms' ``now() + run_in`` use."""
+    now: datetime.datetime = connection.execute(_NOW).scalar_one()
+    return now
+
+
+_NOW = text("SELECT now()")
 
 
 def insert_many(
@@ -242,6 +341,7 @@ def insert_many(
     queue: str | None = None,
     priority: int | None = None,
     run_at: datetime.datetime | None = None,
+    run_in: datetime.timedelta | float | None = None,
 ) -> int:
     """Insert many jobs of one class, one per argument list, with ``COPY``; the fastest form.
 
@@ -253,7 +353,10 @@ def insert_many(
     :returns: the number of jobs inserted.
     :raises InvalidJobError: naming the bad argument list and value, before anything is sent.
     """
-    shared = job_values(job_class, (), queue=queue, priority=priority, run_at=run_at)
+    shared = job_values(job_class, (), queue=queue, priority=priority, run_at=run_at, run_in=run_in)
+    delay = shared.pop("run_in", None)
+    if delay is not None:
+        shared["run_at"] = None  # known once the database's now() is
     columns = tuple(name for name in _COPY_ORDER if name in shared)
     position = columns.index("args")
     template = [shared[name] for name in columns]
@@ -266,18 +369,22 @@ def insert_many(
         rows.append(tuple(template))
     if not rows:
         return 0
-    _copy(bind, {columns: rows}, {shared.get("queue", ""): shared.get("run_at")})
+    connection = _connection_of(bind)
+    due = shared.get("run_at")
+    if delay is not None:
+        due = _database_now(connection) + delay
+        rows = [(*row[:-1], due) for row in rows]  # run_at is the last column
+    _copy(connection, {columns: rows}, {shared.get("queue", ""): due})
     return len(rows)
 
 
 def _copy(
-    bind: Bind,
-    groups: dict[tuple[str, ...], list[tuple[Any, ...]]],
+    connection: Connection,
+    groups: Mapping[tuple[str, ...], Sequence[Sequence[Any]]],
     earliest: dict[str, datetime.datetime | None],
 ) -> None:
-    """COPY each group of rows (rows with the same columns) in ``bind``'s transaction, then
-    send one wake-up per queue."""
-    connection = _connection_of(bind)
+    """COPY each group of rows (rows with the same columns) in ``connection``'s transaction,
+    then send one wake-up per queue."""
     if not connection.in_transaction():
         connection.begin()
     raw = connection.connection.driver_connection

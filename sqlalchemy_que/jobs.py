@@ -33,7 +33,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from ._checks import JobDefaults, check_job_class, check_priority, check_queue, check_run_at
+from ._checks import JobDefaults, check_job_class, check_priority, check_queue, check_schedule
 from .enqueue import Bind, enqueue, insert_job
 from .errors import InvalidJobError, QueError
 from .model import QueJob
@@ -183,6 +183,7 @@ class JobDefinition(JobDefaults, Generic[P]):
     priority: int | None = None
     retry_delay: RetryDelay | None = None
     run_at: datetime.datetime | None = None
+    run_in: datetime.timedelta | float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -192,8 +193,8 @@ class JobDefinition(JobDefaults, Generic[P]):
             check_priority(self.priority)
         if self.queue is not None:
             check_queue(self.queue)
-        if self.run_at is not None:
-            check_run_at(self.run_at)
+        # Kept as a timedelta, whether given as one or as seconds.
+        object.__setattr__(self, "run_in", check_schedule(self.run_at, self.run_in)[1])
         delay = self.retry_delay
         if (
             delay is not None
@@ -218,15 +219,20 @@ class JobDefinition(JobDefaults, Generic[P]):
         queue: str | None = None,
         priority: int | None = None,
         run_at: datetime.datetime | None = None,
+        run_in: datetime.timedelta | float | None = None,
     ) -> JobDefinition[P]:
-        """Return a copy that enqueues with other queue, priority or run_at."""
+        """Return a copy that enqueues with another queue, priority, or time: ``run_at``, or
+        ``run_in`` (a delay after the database's ``now()``), which replaces the other.
+
+        :raises InvalidJobError: naming a bad value, or when both times are given.
+        """
         changes: dict[str, Any] = {}
         if queue is not None:
             changes["queue"] = queue
         if priority is not None:
             changes["priority"] = priority
-        if run_at is not None:
-            changes["run_at"] = run_at
+        if run_at is not None or run_in is not None:
+            changes["run_at"], changes["run_in"] = run_at, run_in
         return dataclasses.replace(self, **changes)
 
     def positional(self, *args: P.args, **kwargs: P.kwargs) -> list[Any]:
@@ -256,11 +262,11 @@ class JobDefinition(JobDefaults, Generic[P]):
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> QueJob:
         """Build a checked :class:`~sqlalchemy_que.QueJob` for ``session.add()``."""
-        return enqueue(self, *self.positional(*args, **kwargs), run_at=self.run_at)
+        return enqueue(self, *self.positional(*args, **kwargs))
 
     def insert(self, bind: Bind, /, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert the job on a Core ``Connection`` (or ``Session``); return its ``job_id``."""
-        return insert_job(bind, self, *self.positional(*args, **kwargs), run_at=self.run_at)
+        return insert_job(bind, self, *self.positional(*args, **kwargs))
 
     def delay_for(self, error_count: int) -> float:
         """The retry delay in seconds after the job's ``error_count``-th failure."""

@@ -8,16 +8,19 @@ import datetime
 import json
 import math
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
-from sqlalchemy import Connection, Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, make_url, select, text
 from sqlalchemy.orm import Session
 
 import sqlalchemy_que as que
 from sqlalchemy_que import InvalidJobError, QueJob, enqueue, insert_job, insert_jobs, insert_many
+from sqlalchemy_que.notify import channel_for, parse_payload
 
 UTC = datetime.timezone.utc
 
@@ -418,8 +421,13 @@ def enqueue_in(session: Session, form: str, job_class: str, args: list[Any], **f
     elif form == "insert_job":
         insert_job(session, job_class, *args, **fields)
     elif form == "insert_jobs":
-        built_directly = QueJob(job_class=job_class, args=args, **fields)
-        insert_jobs(session, [enqueue("Fine", 0), built_directly])
+        # Built directly, so that insert_jobs' own checks are tested; a QueJob has no run_in.
+        job = (
+            enqueue(job_class, *args, **fields)
+            if "run_in" in fields
+            else QueJob(job_class=job_class, args=args, **fields)
+        )
+        insert_jobs(session, [enqueue("Fine", 0), job])
     else:
         insert_many(session, job_class, [[0], args], **fields)
 
@@ -546,3 +554,154 @@ def test_the_ends_of_the_range_are_stored_and_read_back_in_any_time_zone(
         ("Earliest", earliest),
         ("Latest", latest),
     ]
+
+
+# run_in: a delay after the database's now() ------------------------------------------------
+
+
+def database_now(bind: Connection | Session) -> datetime.datetime:
+    now: datetime.datetime = bind.execute(select(func.now())).scalar_one()
+    return now
+
+
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+@pytest.mark.parametrize(
+    "run_in",
+    [
+        datetime.timedelta(minutes=5, microseconds=7),
+        datetime.timedelta(days=2, hours=3),  # whole days: elapsed, not calendar days
+        90,
+        0.25,
+        0,
+        datetime.timedelta(0),
+    ],
+)
+def test_run_in_is_a_delay_after_the_databases_now(
+    session: Session, form: str, run_in: datetime.timedelta | float
+) -> None:
+    # A session time zone whose daylight saving time starts tomorrow: its calendar's next two
+    # days last 47 hours, and run_in is elapsed time, as a timedelta is.
+    today = text("SELECT extract(doy FROM now() AT TIME ZONE 'UTC')::int")
+    start = (
+        session.execute(today).scalar_one() % 365
+    )  # POSIX rules count days from 0: this is tomorrow
+    zone = f"XST0XDT,{start}/0,{(start + 100) % 365}/0"
+    session.execute(text("SELECT set_config('TimeZone', :zone, true)"), {"zone": zone})
+    assert session.execute(text("SELECT now() + interval '2 days' - now()")).scalar() != (
+        datetime.timedelta(days=2)
+    )
+    enqueue_in(session, form, "Later", [1], run_in=run_in)
+    session.flush()
+    delay = run_in if isinstance(run_in, datetime.timedelta) else datetime.timedelta(seconds=run_in)
+    expected = database_now(session) + delay  # now(): the start of the caller's transaction
+    assert {row["run_at"] for row in rows(session) if row["job_class"] == "Later"} == {expected}
+    elapsed = session.execute(
+        text("SELECT extract(epoch FROM run_at) - extract(epoch FROM now()) FROM que_jobs")
+    ).scalars()
+    assert delay.total_seconds() in {float(seconds) for seconds in elapsed}
+
+
+def test_run_in_with_the_orm_fills_in_run_at_at_flush(session: Session) -> None:
+    job = enqueue("Later", run_in=datetime.timedelta(hours=1))
+    session.add(job)
+    session.flush()
+    assert job.run_at == database_now(session) + datetime.timedelta(hours=1)
+    assert isinstance(job.job_id, int)
+
+
+def test_run_in_mixes_with_other_jobs_in_one_bulk_insert(connection: Connection) -> None:
+    run_at = datetime.datetime(2040, 1, 1, tzinfo=UTC)
+    jobs = [
+        enqueue("Now", 1),
+        enqueue("Soon", 2, run_in=30),
+        enqueue("Fixed", 3, run_at=run_at),
+        enqueue("Sooner", 4, run_in=datetime.timedelta(seconds=10), queue="other"),
+    ]
+    assert insert_jobs(connection, jobs) == 4
+    now = database_now(connection)
+    assert [(row["job_class"], row["queue"], row["run_at"]) for row in rows(connection)] == [
+        ("Now", "", now),
+        ("Soon", "", now + datetime.timedelta(seconds=30)),
+        ("Fixed", "", run_at),
+        ("Sooner", "other", now + datetime.timedelta(seconds=10)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("run_in", "message"),
+    [
+        (-1, r"run_in must not be negative, got -1"),
+        (-0.5, r"run_in must not be negative, got -0.5"),
+        (
+            datetime.timedelta(microseconds=-1),
+            r"run_in must not be negative, got datetime.timedelta\(days=-1, seconds=86399, "
+            r"microseconds=999999\)",
+        ),
+        (math.nan, r"run_in must be a finite number of seconds, got nan"),
+        (math.inf, r"run_in must be a finite number of seconds, got inf"),
+        (-math.inf, r"run_in must be a finite number of seconds, got -inf"),
+        (True, r"run_in must be a datetime.timedelta or a number of seconds, got True of type"),
+        ("60", r"run_in must be a datetime.timedelta or a number of seconds, got '60' of type"),
+        (10**20, r"run_in 100000000000000000000 is longer than 36525 days \(100 years\)"),
+        (
+            datetime.timedelta(days=36526),
+            r"run_in datetime.timedelta\(days=36526\) is longer than 36525 days",
+        ),
+    ],
+)
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+def test_a_bad_run_in_is_refused_naming_it(
+    engine: Engine, form: str, run_in: Any, message: str
+) -> None:
+    with Session(engine) as session:
+        session.add(enqueue("PendingBefore"))
+        with pytest.raises(InvalidJobError, match=message):
+            enqueue_in(session, form, "Job", [1], run_in=run_in)
+        session.commit()
+    assert committed_job_classes(engine) == ["PendingBefore"]
+
+
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+def test_run_at_and_run_in_together_are_refused(session: Session, form: str) -> None:
+    run_at = datetime.datetime(2040, 1, 1, tzinfo=UTC)
+    message = (
+        r"give run_at or run_in, not both \(got run_at=datetime.datetime\(2040, 1, 1, 0, 0, "
+        r"tzinfo=datetime.timezone.utc\) and run_in=60\)"
+    )
+    with pytest.raises(InvalidJobError, match=message):
+        enqueue_in(session, form, "Job", [1], run_at=run_at, run_in=60)
+    assert rows(session) == []
+
+
+@pytest.fixture
+def wakeups(database_url: str, engine: Engine) -> Iterator[Any]:
+    """A raw connection listening for the default queue's wake-ups."""
+    listener = psycopg.connect(
+        make_url(database_url).set(drivername="postgresql").render_as_string(False),
+        autocommit=True,
+    )
+    listener.execute(f'LISTEN "{channel_for("")}"')
+
+    def next_due() -> float | None:
+        for notification in listener.notifies(timeout=10, stop_after=1):
+            return parse_payload(notification.payload)
+        pytest.fail("no wake-up notification within 10 s")
+
+    yield next_due
+    listener.close()
+
+
+@pytest.mark.parametrize("form", ENQUEUE_FORMS)
+def test_the_wake_up_of_a_delayed_job_says_when_it_is_due(
+    engine: Engine, wakeups: Any, form: str
+) -> None:
+    before = time.time()
+    with Session(engine) as session:
+        if form == "insert_jobs":  # alone: not beside a job due now, as enqueue_in puts it
+            insert_jobs(session, [enqueue("Later", run_in=datetime.timedelta(minutes=10))])
+        else:
+            enqueue_in(session, form, "Later", [1], run_in=datetime.timedelta(minutes=10))
+        session.commit()
+    due = wakeups()
+    assert due is not None
+    assert before + 590 < due < time.time() + 610  # the database's clock, seen from here

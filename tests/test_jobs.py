@@ -25,6 +25,7 @@ from sqlalchemy_que import (
     enqueue,
     insert_job,
     insert_jobs,
+    insert_many,
     job,
 )
 
@@ -130,6 +131,69 @@ def test_options_are_checked_when_given() -> None:
         send_email.options(run_at=datetime.datetime.max.replace(tzinfo=UTC))
     with pytest.raises(InvalidJobError, match=r"queue must be a str, got 1 of type int"):
         send_email.options(queue=1)  # type: ignore[arg-type]
+
+
+def test_options_run_in_delays_every_form_after_the_databases_now(session: Session) -> None:
+    later = send_email.options(run_in=datetime.timedelta(minutes=5))
+    assert later.run_in == datetime.timedelta(minutes=5)
+    assert send_email.options(run_in=90).run_in == datetime.timedelta(seconds=90)
+    session.add(later.enqueue(1))
+    session.add(enqueue(later, 2))
+    session.flush()
+    later.insert(session, 3)
+    insert_job(session, later, 4)
+    insert_jobs(session, [later.enqueue(5)])
+    insert_many(session, later, [[6]])
+    result = rows(session)
+    assert [r["args"] for r in result] == ["[1]", "[2]", "[3]", "[4]", "[5]", "[6]"]
+    assert {r["run_at"] - r["now"] for r in result} == {datetime.timedelta(minutes=5)}
+    assert {(r["job_class"], r["queue"], r["priority"]) for r in result} == {
+        ("SendEmail", "mail", 10)
+    }
+
+
+def test_a_time_given_when_enqueueing_replaces_the_definitions(session: Session) -> None:
+    delayed = send_email.options(run_in=60)
+    fixed = send_email.options(run_at=LATER)
+    session.add(enqueue(delayed, 1, run_at=LATER))
+    session.add(enqueue(fixed, 2, run_in=30))
+    session.flush()
+    insert_job(session, fixed, 3, run_in=30)
+    insert_many(session, delayed, [[4]], run_at=LATER)
+    first, second, third, fourth = rows(session)
+    assert (first["run_at"], fourth["run_at"]) == (LATER, LATER)
+    assert second["run_at"] - second["now"] == datetime.timedelta(seconds=30)
+    assert third["run_at"] - third["now"] == datetime.timedelta(seconds=30)
+
+
+def test_options_run_at_and_run_in_replace_each_other() -> None:
+    assert send_email.options(run_in=60).options(run_at=LATER).run_in is None
+    assert send_email.options(run_in=60).options(run_at=LATER).run_at == LATER
+    assert send_email.options(run_at=LATER).options(run_in=60).run_at is None
+    assert send_email.options(run_at=LATER).options(priority=1).run_at == LATER
+    assert send_email.options(run_in=5).options(queue="q").run_in == datetime.timedelta(seconds=5)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: send_email.options(run_at=LATER, run_in=60),
+            r"give run_at or run_in, not both \(got run_at=datetime.datetime\(2031, 5, 6",
+        ),
+        (
+            lambda: JobDefinition("X", handler, run_at=LATER, run_in=1),
+            r"give run_at or run_in, not both",
+        ),
+        (lambda: send_email.options(run_in=-5), r"run_in must not be negative, got -5"),
+        (lambda: send_email.options(run_in=math.nan), r"run_in must be a finite number .*nan"),
+        (lambda: send_email.options(run_in=True), r"run_in must be a datetime.timedelta .*True"),
+        (lambda: loose_send_email.options(run_in="1"), r"run_in must be .* got '1' of type str"),
+    ],
+)
+def test_bad_run_in_options_are_refused_naming_the_value(make: Any, message: str) -> None:
+    with pytest.raises(InvalidJobError, match=message):
+        make()
 
 
 def test_keyword_arguments_are_bound_to_their_positions(session: Session) -> None:
