@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import inspect
 import math
+import types
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 
@@ -208,6 +211,7 @@ class JobDefinition(JobDefaults, Generic[P]):
             raise InvalidJobError(
                 f"retry_delay must be seconds >= 0 or a function of the error count, got {delay!r}"
             )
+        _check_handler(self.handler, self.name)
         _positional_parameters(self.handler, self.name)
 
     def __call__(self, job: JobContext, *args: P.args, **kwargs: P.kwargs) -> object:
@@ -278,6 +282,89 @@ class JobDefinition(JobDefaults, Generic[P]):
         return float(delay)
 
 
+def _check_handler(handler: Handler, name: str) -> None:
+    """Refuse a handler the worker cannot run: a coroutine, async generator or generator
+    function (calling it would only make an object the worker never runs, and the job would
+    be deleted as done), or one whose first positional parameter, which receives the
+    :class:`JobContext`, is annotated with a type a JobContext is not.
+
+    :raises InvalidJobError: naming the job and what is wrong with its handler.
+    """
+    try:
+        problem = _cached_handler_problem(handler)  # options() checks its copy's handler again
+    except TypeError:  # an unhashable callable object
+        problem = _handler_problem(handler)
+    if problem is not None:
+        raise InvalidJobError(f"the handler of job {name!r} {problem}")
+
+
+def _handler_problem(handler: Handler) -> str | None:
+    """What :func:`_check_handler` refuses ``handler`` for, or None."""
+    functions: list[object] = [handler]
+    if callable(handler) and not inspect.isroutine(handler):
+        # A callable object's __call__: inspect looks only at functions, methods and partials.
+        functions.append(type(handler).__call__)
+    for function in functions:
+        if inspect.iscoroutinefunction(function):
+            kind = "a coroutine function (async def)"
+        elif inspect.isasyncgenfunction(function):
+            kind = "an async generator function"
+        elif inspect.isgeneratorfunction(function):
+            return (
+                "is a generator function; the worker would only create the generator, never "
+                "run its body, and delete the job as done: write a plain function that "
+                "returns when the work is done"
+            )
+        else:
+            continue
+        return (
+            f"is {kind}; async handlers are not supported yet: the worker would not await it "
+            "and would delete the job as done without running it. Write a plain def (it may "
+            "call asyncio.run() on a coroutine)"
+        )
+    try:
+        # String annotations (``from __future__ import annotations``) evaluated.
+        parameters = list(inspect.signature(handler, eval_str=True).parameters.values())
+    except Exception:  # a name only imported for type checkers, no signature...
+        return None  # nothing to hold against the handler
+    if not parameters or parameters[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
+        return None  # ``*args`` takes the job; no positional parameter is refused elsewhere
+    first = parameters[0]
+    if first.annotation is inspect.Parameter.empty or _may_be_a_job_context(first.annotation):
+        return None
+    return (
+        f"takes {first.name}: {inspect.formatannotation(first.annotation)} first, but its "
+        "first positional parameter receives the running job (a JobContext); declare it as "
+        "def handler(job: JobContext, ...), the job's arguments after it"
+    )
+
+
+_cached_handler_problem = functools.lru_cache(maxsize=1024)(_handler_problem)
+
+
+def _may_be_a_job_context(annotation: Any) -> bool:
+    """Whether a parameter annotated with ``annotation`` may be given a :class:`JobContext`:
+    false only for classes (or unions of classes) unrelated to it."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _may_be_a_job_context(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_may_be_a_job_context(member) for member in typing.get_args(annotation))
+    if origin is not None:
+        annotation = origin  # list[int] is a list
+    if annotation is None:
+        annotation = type(None)
+    if annotation is Any or not isinstance(annotation, type):
+        return True  # a TypeVar, a NewType, a forward reference...: cannot tell
+    try:
+        return issubclass(JobContext, annotation) or issubclass(annotation, JobContext)
+    except TypeError:  # a Protocol that is not runtime-checkable, and the like
+        return True
+
+
 def _positional_parameters(handler: Handler, name: str) -> list[inspect.Parameter]:
     """The handler's parameters after the first (the JobContext), all positional.
 
@@ -326,6 +413,10 @@ def job(
     :param priority: the default priority when enqueueing; default 100.
     :param retry_delay: seconds to wait before a retry, constant or a function of the new error
         count; default :func:`default_retry_delay` (``count ** 4 + 3``).
+    :raises InvalidJobError: when decorating a handler the worker cannot run: an ``async def``
+        (async handlers are not supported yet), an async generator or generator function,
+        one with keyword-only parameters, or one whose first positional parameter cannot
+        take the :class:`JobContext`.
     """
 
     def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:

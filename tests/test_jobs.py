@@ -4,16 +4,17 @@ delays; enqueueing by reference on a real PostgreSQL, and what type checkers see
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 from sqlalchemy_que import (
@@ -21,6 +22,7 @@ from sqlalchemy_que import (
     JobContext,
     JobDefinition,
     JobRegistry,
+    Worker,
     default_retry_delay,
     enqueue,
     insert_job,
@@ -384,6 +386,157 @@ def test_a_handler_without_a_first_positional_parameter_is_refused(handler: Any)
         match=r"handler of job 'Bad' must take the running job \(JobContext\) as its first",
     ):
         job("Bad")(handler)
+
+
+async def coroutine_handler(job: JobContext, user_id: int) -> None:
+    pass
+
+
+async def async_generator_handler(job: JobContext) -> AsyncIterator[int]:
+    yield 1
+
+
+def generator_handler(job: JobContext) -> Iterator[int]:
+    yield 1
+
+
+class AsyncCallable:
+    async def __call__(self, job: JobContext) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("handler", "kind"),
+    [
+        (coroutine_handler, r"a coroutine function \(async def\)"),
+        (functools.partial(coroutine_handler, user_id=1), r"a coroutine function \(async def\)"),
+        (AsyncCallable(), r"a coroutine function \(async def\)"),
+        (async_generator_handler, "an async generator function"),
+        (generator_handler, "a generator function"),
+    ],
+)
+def test_async_and_generator_handlers_are_refused_wherever_they_are_given(
+    handler: Any, kind: str, engine: Engine
+) -> None:
+    """The worker would call them, get a coroutine or generator it never runs, and delete the
+    job as done."""
+    message = rf"the handler of job 'Bad' is {kind}; "
+    if "generator function" not in kind or "async" in kind:
+        message += r"async handlers are not supported yet"
+    with pytest.raises(InvalidJobError, match=message):
+        job("Bad")(handler)
+    with pytest.raises(InvalidJobError, match=message):
+        JobRegistry().job("Bad")(handler)
+    with pytest.raises(InvalidJobError, match=message):
+        JobDefinition("Bad", handler)
+    with pytest.raises(InvalidJobError, match=message):
+        JobRegistry({"Bad": handler})
+    with pytest.raises(InvalidJobError, match=message):
+        Worker(engine, {"Bad": handler})
+
+
+def first_is_an_id(user_id: int, template: str) -> None:
+    pass
+
+
+def first_is_a_union(value: int | str) -> None:
+    pass
+
+
+def first_is_a_generic(values: list[int]) -> None:
+    pass
+
+
+def first_is_a_session(session: Session, user_id: int) -> None:
+    pass
+
+
+def mailer_then_an_id(mailer: object, user_id: int) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("handler", "described"),
+    [
+        (first_is_an_id, "user_id: int"),
+        (first_is_a_union, "value: int | str"),
+        (first_is_a_generic, r"values: list\[int\]"),
+        (first_is_a_session, r"session: sqlalchemy\.orm\.session\.Session"),
+        (functools.partial(mailer_then_an_id, object()), "user_id: int"),
+    ],
+)
+def test_a_handler_whose_first_parameter_cannot_take_the_job_is_refused(
+    handler: Any, described: str
+) -> None:
+    """``def h(user_id: int)`` would receive the JobContext as user_id and fail every run.
+    The annotations here are strings (``from __future__ import annotations``): resolved."""
+    message = (
+        rf"the handler of job 'Bad' takes {described} first, but its first positional "
+        r"parameter receives the running job \(a JobContext\)"
+    )
+    with pytest.raises(InvalidJobError, match=message):
+        job("Bad")(handler)
+    with pytest.raises(InvalidJobError, match=message):
+        JobRegistry({"Bad": handler})
+
+
+class SpecialContext(JobContext):
+    __slots__ = ()
+
+
+class CallableHandler:
+    def __call__(self, job: JobContext, user_id: int) -> None:
+        pass
+
+
+def unannotated(job, user_id) -> None:  # type: ignore[no-untyped-def]  # noqa: ANN001
+    pass
+
+
+def annotated_any(job: Any) -> None:
+    pass
+
+
+def annotated_object(job: object) -> None:
+    pass
+
+
+def annotated_optional(job: JobContext | None) -> None:
+    pass
+
+
+def annotated_subclass(job: SpecialContext) -> None:
+    pass
+
+
+def annotated_unknown(job: NotImportedAtRunTime) -> None:  # type: ignore[name-defined]  # noqa: F821
+    pass
+
+
+def mailer_first(mailer: object, job: JobContext, user_id: int) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        send_email.handler,
+        unannotated,
+        annotated_any,
+        annotated_object,
+        annotated_optional,
+        annotated_subclass,
+        annotated_unknown,  # an annotation that cannot be resolved is not held against it
+        CallableHandler(),
+        functools.partial(mailer_first, object()),
+        max,  # a builtin without a signature
+        len,
+        lambda *args: None,
+    ],
+)
+def test_handlers_that_can_take_the_job_are_accepted(handler: Any) -> None:
+    assert JobRegistry({"Good": handler})["Good"].handler is handler
+    assert job("Good")(handler).handler is handler
 
 
 def test_a_handler_that_is_not_callable_is_refused() -> None:
