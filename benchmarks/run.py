@@ -240,13 +240,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _database_url(url: str | None) -> Iterator[str]:
+def _database_url(url: str | None) -> Iterator[tuple[str, Path]]:
+    """The database to measure, and the binaries folder pgbench comes from (the throwaway
+    server's own, so that client and server are the same PostgreSQL)."""
+    bindir = find_postgres_bindir()
     if url:
-        yield url
+        yield url, bindir
         return
-    _progress("starting a throwaway PostgreSQL...")
-    with temporary_postgres() as temporary:
-        yield temporary
+    _progress(f"starting a throwaway PostgreSQL from {bindir}...")
+    with temporary_postgres(bindir=bindir) as temporary:
+        yield temporary, bindir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else Sizes()
     started_at = datetime.datetime.now(datetime.timezone.utc)
     figures: list[Figure] = []
-    with _database_url(args.database_url) as url:
-        database = BenchDatabase(url, bindir=find_postgres_bindir())
+    with _database_url(args.database_url) as (url, bindir):
+        database = BenchDatabase(url, bindir=bindir)
         database.create()
         try:
             facts = database.machine_facts()
