@@ -139,10 +139,6 @@ def _server_account() -> pwd.struct_passwd:
     pytest.skip("neither a postgres nor a nobody user")
 
 
-def _cluster_folders() -> set[str]:
-    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("sqlalchemy-que-pg-")}
-
-
 @needs_root
 @pytest.mark.slow
 def test_a_wheel_in_a_private_folder_serves_through_a_copy(tmp_path: Path) -> None:
@@ -163,7 +159,6 @@ def test_a_wheel_in_a_private_folder_serves_through_a_copy(tmp_path: Path) -> No
     )
     assert reach.returncode != 0, "the folder was meant to be out of the server user's reach"
 
-    before = _cluster_folders()
     with temporary_postgres(bindir=bindir) as url:
         engine = create_engine(url, poolclass=NullPool)
         try:
@@ -180,20 +175,23 @@ def test_a_wheel_in_a_private_folder_serves_through_a_copy(tmp_path: Path) -> No
         assert os.stat(f"/proc/{pid}").st_uid == account.pw_uid
     assert int(version) >= 180000
     assert not cluster.exists()
-    assert _cluster_folders() == before
 
 
 @needs_root
-def test_binaries_out_of_the_server_users_reach_are_named(tmp_path: Path) -> None:
+def test_binaries_out_of_the_server_users_reach_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     bindir = fake_server(private / "bin")
     assert not (stat.S_IMODE(private.stat().st_mode) & 0o077)
-    before = _cluster_folders()
+    clusters = tmp_path / "clusters"  # where temporary_postgres makes its folder
+    clusters.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(clusters))
     with (
         pytest.raises(PostgresNotFoundError, match="cannot be run by user") as raised,
         temporary_postgres(bindir=bindir),
     ):
         pytest.fail("the cluster should not have started")
     assert str(bindir) in str(raised.value)
-    assert _cluster_folders() == before
+    assert list(clusters.iterdir()) == []
