@@ -311,12 +311,12 @@ def temporary_postgres(
     started = False
     try:
         if user is not None:
-            bindir = _reachable_bindir(bindir, user, root)
             if not _runs_as(user, "/bin/sh", "-c", 'cd "$1"', "sh", str(root)):
                 raise QueError(
                     f"user {user.pw_name!r}, who runs the throwaway server, cannot enter its "
                     f"folder {root}: set TMPDIR to a folder that user can reach"
                 )
+            bindir = _reachable_bindir(bindir, user, root)
         run(
             str(bindir / "initdb"),
             "-D",

@@ -185,16 +185,21 @@ def test_binaries_out_of_the_server_users_reach_are_named(
     private.mkdir(mode=0o700)
     bindir = fake_server(private / "bin")
     assert not (stat.S_IMODE(private.stat().st_mode) & 0o077)
-    clusters = tmp_path / "clusters"  # where temporary_postgres makes its folder
-    clusters.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(clusters))
-    with (
-        pytest.raises(PostgresNotFoundError, match="cannot be run by user") as raised,
-        temporary_postgres(bindir=bindir),
-    ):
-        pytest.fail("the cluster should not have started")
-    assert str(bindir) in str(raised.value)
-    assert list(clusters.iterdir()) == []
+    # Where temporary_postgres makes its folder: one the server user can enter (tmp_path's
+    # parents are private), and that nothing else uses.
+    clusters = Path(tempfile.mkdtemp(prefix="sqlalchemy-que-test-"))
+    try:
+        clusters.chmod(0o755)
+        monkeypatch.setattr(tempfile, "tempdir", str(clusters))
+        with (
+            pytest.raises(PostgresNotFoundError, match="cannot be run by user") as raised,
+            temporary_postgres(bindir=bindir),
+        ):
+            pytest.fail("the cluster should not have started")
+        assert str(bindir) in str(raised.value)
+        assert list(clusters.iterdir()) == []
+    finally:
+        shutil.rmtree(clusters, ignore_errors=True)
 
 
 @needs_root
