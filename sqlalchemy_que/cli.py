@@ -8,7 +8,9 @@
     sqlalchemy-que demo
 
 Settings come from options or their environment variables (``DATABASE_URL``, ``QUE_QUEUE``,
-``QUE_WORKER_COUNT``, ``QUE_WAKE_INTERVAL``, ``QUE_SHUTDOWN_TIMEOUT``, ``QUE_LOG_LEVEL``).
+``QUE_WORKER_COUNT``, ``QUE_WAKE_INTERVAL``, ``QUE_SHUTDOWN_TIMEOUT``, ``QUE_LOG_LEVEL``);
+``demo`` alone ignores ``DATABASE_URL`` and runs on a throwaway server unless given
+``--database-url``.
 
 Exit status: 0 success (for ``worker``, a clean stop); 1 an error, explained on one line
 (bad database URL, unreachable server, wrong schema, bad import path); 2 bad usage;
@@ -536,7 +538,11 @@ def exit_if_jobs_still_running(still_running: list[LockedJob]) -> None:
 
 
 @main.command()
-@_database_option
+@click.option(
+    "--database-url",
+    help="PostgreSQL URL to run on instead of a throwaway server (DATABASE_URL is not read: "
+    "only a URL given here makes the demo write to a database of yours).",
+)
 @click.option("--jobs", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True)
 def demo(database_url: str | None, jobs: int, workers: int) -> None:

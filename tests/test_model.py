@@ -32,7 +32,7 @@ class TableShape:
 
     #: (attnum, name, format_type, NOT NULL, default expression), in physical order.
     columns: list[tuple[int, str, str, bool, str | None]]
-    #: (name, contype, definition) of every constraint on the table.
+    #: (name, contype, definition) of every constraint on the table but NOT NULL (in columns).
     constraints: list[tuple[str, str, str]]
     #: pg_get_indexdef of every index on the table.
     indexes: list[str]
@@ -80,9 +80,11 @@ _COLUMNS = text(
     ORDER BY a.attnum
     """
 )
+# NOT NULL is read from pg_attribute: PostgreSQL 18 also lists it in pg_constraint (contype
+# 'n'), where 15 does not.
 _CONSTRAINTS = text(
     "SELECT conname, contype::text, pg_get_constraintdef(oid) FROM pg_constraint "
-    "WHERE conrelid = 'que_jobs'::regclass ORDER BY conname"
+    "WHERE conrelid = 'que_jobs'::regclass AND contype <> 'n' ORDER BY conname"
 )
 _INDEXES = text(
     "SELECT pg_get_indexdef(indexrelid) FROM pg_index "
