@@ -57,7 +57,6 @@ __all__ = [
 #: The per-job cycle's statements in ``:name`` form (pgbench variables): the batched lock
 #: statement asked for one job, and the statements about one job by its full key.
 _LOCK_ONE = _sql.LOCK_JOBS.sql.decode().replace("$1", "''").replace("$2::int", "1")
-_LOCK_ONE = _LOCK_ONE.replace("(found).run_at::text", "(found).run_at::text AS run_at_key")
 _KEY = "queue = :queue AND priority = :priority AND run_at = :run_at_key AND job_id = :job_id"
 RECHECK_SQL = f"SELECT 1 FROM que_jobs WHERE {_KEY}"
 DELETE_SQL = f"DELETE FROM que_jobs WHERE {_KEY}"

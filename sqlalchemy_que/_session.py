@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import select
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -323,10 +324,10 @@ class LockedSession:
         pgconn.nonblocking = 0
         try:
             if not prepared:
-                return self._check(pgconn.exec_params(statement.sql, params), "working")
+                return self._check(pgconn.exec_params(statement.sql, list(params)), "working")
             for attempt in (1, 2):
                 self._prepare([statement])
-                result = pgconn.exec_prepared(statement.name, params)  # type: ignore[arg-type]
+                result = pgconn.exec_prepared(statement.name, list(params))  # type: ignore[arg-type]
                 if (
                     attempt == 1
                     and result is not None
@@ -357,13 +358,14 @@ class LockedSession:
             pgconn.enter_pipeline_mode()
             try:
                 for step, params in steps:
+                    # Lists, not tuples: older psycopg takes nothing else.
                     if isinstance(step, Statement):
-                        pgconn.send_query_prepared(step.name, params)
+                        pgconn.send_query_prepared(step.name, list(params))
                     else:
-                        pgconn.send_query_params(step, params or None)
+                        pgconn.send_query_params(step, list(params) or None)
                 pgconn.pipeline_sync()
                 while True:
-                    result = pgconn.get_result()
+                    result = _next_result(pgconn)
                     if result is None:
                         if pgconn.status != pq.ConnStatus.OK:
                             raise self._lost(what)
@@ -652,6 +654,16 @@ class LockedSession:
         )
         self._execute(_sql.UNLOCK_ALL, [], prepared=False)
         self._held.clear()
+
+
+def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """The next result of a pipeline, waiting for it without holding the GIL (libpq's
+    ``PQgetResult`` would wait holding it, stalling every other worker thread while the
+    server flushes a commit)."""
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [])
+        pgconn.consume_input()
+    return pgconn.get_result()
 
 
 def _begin_options(saved: _Saved) -> bytes:

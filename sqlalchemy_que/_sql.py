@@ -30,63 +30,33 @@ def _statement(name: str, sql: str) -> Statement:
     return Statement(f"sqlalchemy_que_{name}".encode(), " ".join(sql.split()).encode())
 
 
-# (The walk's row column is not named j: an unqualified j inside its subqueries would then
-# mean that column rather than the que_jobs row.)
-# The columns every statement that hands out a job returns, in LockedJob's field order. The
-# run_at column is only decoded when it certainly fits a Python datetime in any time zone;
-# run_at_key always carries the exact value.
-_JOB_COLUMNS = """
-    (found).queue, (found).priority,
-    CASE WHEN (found).run_at BETWEEN '0002-01-01 00:00+00' AND '9998-12-31 00:00+00'
-         THEN (found).run_at END,
-    (found).job_id, (found).job_class, (found).args::text, (found).error_count,
-    (found).last_error, (found).run_at::text
-"""
-
-#: Lock up to ``$2`` ready jobs of queue ``$1``. A recursive walk along the primary key in
-#: ``(priority, run_at, job_id)`` order: each step fetches the one next row in a subquery with
-#: LIMIT 1, then tries its lock one level up, behind an ``OFFSET 0`` fence that keeps the
-#: planner from flattening that level (which could evaluate the lock function once per
-#: reference to its result). So each visited row's lock is tried exactly once, rows other
-#: sessions hold are stepped over, and the walk stops once ``$2`` locks are taken or the
-#: ready rows run out. Only the rows it locked are returned.
+#: Lock up to ``$2`` ready jobs of queue ``$1``: one walk along the primary key in
+#: ``(priority, run_at, job_id)`` order, trying each visited row's lock once, stepping over
+#: rows other sessions hold, and stopping as soon as ``$2`` locks are taken. The lock is a
+#: condition of the outer query over an ordered subquery, fenced with ``OFFSET 0``: PostgreSQL
+#: never pushes a condition with a volatile function into a subquery, never flattens a
+#: subquery that sorts, and pulls its rows one at a time, so only the rows the walk reaches are
+#: tried, once each, whatever plan it picks (an index scan in key order, or a sort of the ready
+#: rows first). Only the rows it locked are returned. ``run_at`` is decoded only when it
+#: certainly fits a Python datetime in any time zone; ``run_at_key`` always carries its value.
 LOCK_JOBS = _statement(
     "lock_jobs",
-    f"""
-WITH RECURSIVE walk (found, locked, taken) AS (
-    SELECT l.found, l.locked, l.locked::int
-    FROM (
-        SELECT t.found, pg_try_advisory_lock((t.found).job_id) AS locked
-        FROM (
-            SELECT j AS found FROM que_jobs AS j
-            WHERE j.queue = $1 AND j.run_at <= now()
-            ORDER BY j.priority, j.run_at, j.job_id
-            LIMIT 1
-        ) AS t
-        OFFSET 0
-    ) AS l
-    UNION ALL
-    SELECT l.found, l.locked, l.taken + l.locked::int
-    FROM (
-        SELECT t.found, pg_try_advisory_lock((t.found).job_id) AS locked, t.taken
-        FROM (
-            SELECT (
-                SELECT j FROM que_jobs AS j
-                WHERE j.queue = $1 AND j.run_at <= now()
-                  AND (j.priority, j.run_at, j.job_id)
-                      > ((w.found).priority, (w.found).run_at, (w.found).job_id)
-                ORDER BY j.priority, j.run_at, j.job_id
-                LIMIT 1
-            ) AS found, w.taken
-            FROM walk AS w
-            WHERE w.taken < $2::int
-            LIMIT 1
-        ) AS t
-        WHERE (t.found).job_id IS NOT NULL
-        OFFSET 0
-    ) AS l
-)
-SELECT {_JOB_COLUMNS} FROM walk WHERE locked
+    """
+SELECT ready.queue, ready.priority,
+       CASE WHEN ready.run_at BETWEEN '0002-01-01 00:00+00' AND '9998-12-31 00:00+00'
+            THEN ready.run_at END,
+       ready.job_id, ready.job_class, ready.args::text, ready.error_count, ready.last_error,
+       ready.run_at::text AS run_at_key
+FROM (
+    SELECT j.queue, j.priority, j.run_at, j.job_id, j.job_class, j.args, j.error_count,
+           j.last_error
+    FROM que_jobs AS j
+    WHERE j.queue = $1 AND j.run_at <= now()
+    ORDER BY j.priority, j.run_at, j.job_id
+    OFFSET 0
+) AS ready
+WHERE pg_try_advisory_lock(ready.job_id)
+LIMIT $2::int
 """,
 )
 
