@@ -28,7 +28,7 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
     (
         "sqlalchemy_que.worker",
         "Workers (sqlalchemy_que.worker)",
-        ["Completion", "DEFAULT_BATCH_SIZE", "DEFAULT_MAX_HOLD"],
+        ["Completion", "DEFAULT_BATCH_SIZE", "DEFAULT_BATCHED_COMPLETION_SIZE", "DEFAULT_MAX_HOLD"],
     ),
     (
         "sqlalchemy_que.cli",

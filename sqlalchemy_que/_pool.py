@@ -34,7 +34,6 @@ from .errors import WorkerError
 from .listener import Listener
 from .schema import check_schema
 from .worker import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_HOLD,
     Completion,
     ErrorReporter,
@@ -105,7 +104,8 @@ class WorkerPool:
         to a number of workers: that many workers work only that queue (``workers`` is then
         their sum).
     :param workers: how many worker threads; default 4, as Ruby Que.
-    :param batch_size: the most jobs a worker locks at once; default 20. Larger batches
+    :param batch_size: the most jobs a worker locks at once; default 20 (100 with
+        ``completion="batch"``). Larger batches
         cost fewer round trips per job; a more urgent job enqueued meanwhile may wait up to
         ``max_hold`` seconds plus one job's run time.
     :param completion: ``"job"`` (default) or ``"batch"``; see :class:`~sqlalchemy_que.Worker`.
@@ -126,7 +126,7 @@ class WorkerPool:
         queue: str | None = None,
         queues: Sequence[str] | Mapping[str, int] | None = None,
         workers: int | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         completion: Completion = "job",
         wake_interval: float = 5.0,
         max_hold: float = DEFAULT_MAX_HOLD,

@@ -45,7 +45,7 @@ from .enqueue import insert_job
 from .errors import QueError
 from .jobs import JobDefinition, JobRegistry
 from .locking import LockedJob
-from .worker import DEFAULT_BATCH_SIZE, check_completion
+from .worker import check_completion
 
 __all__ = ["load_handlers", "main", "normalise_database_url"]
 
@@ -373,9 +373,8 @@ def clear(database_url: str | None, yes: bool) -> None:
     envvar="QUE_BATCH_SIZE",
     show_envvar=True,
     type=click.IntRange(min=1),
-    default=DEFAULT_BATCH_SIZE,
-    show_default=True,
-    help="The most jobs a worker locks at once.",
+    default=None,
+    help="The most jobs a worker locks at once [default: 20, or 100 with --completion batch].",
 )
 @click.option(
     "--completion",
@@ -428,7 +427,7 @@ def worker(
     queue_options: tuple[str, ...],
     workers: int | None,
     processes: int,
-    batch_size: int,
+    batch_size: int | None,
     completion: str,
     wake_interval: float,
     shutdown_timeout: float | None,
@@ -462,7 +461,9 @@ def worker(
                 engine.dispose()
         if processes > 1:
             arguments = ["worker", import_path, *_child_options(queue_options, workers)]
-            arguments += ["--batch-size", str(batch_size), "--completion", completion]
+            arguments += ["--completion", completion]
+            if batch_size is not None:
+                arguments += ["--batch-size", str(batch_size)]
             arguments += ["--wake-interval", repr(wake_interval)]
             arguments += ["--listen" if listen else "--no-listen"]
             arguments += ["--log-level", log_level, "--log-format", log_format]

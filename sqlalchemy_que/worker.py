@@ -64,8 +64,11 @@ Completion = Literal["job", "batch"]
 #: Ruby Que cuts the first line of ``last_error`` ("Class: message") to this many characters.
 LAST_ERROR_FIRST_LINE = 500
 
-#: The most jobs a worker locks at once, by default (see docs/workers.md for the trade-off).
+#: The most jobs a worker locks at once, by default (see docs/workers.md for the trade-off):
+#: with one transaction per job, the commit dominates and larger batches only keep urgent jobs
+#: waiting longer; with batched completion, each batch is one commit.
 DEFAULT_BATCH_SIZE = 20
+DEFAULT_BATCHED_COMPLETION_SIZE = 100
 
 #: The longest a worker keeps jobs locked but not started before it looks again.
 DEFAULT_MAX_HOLD = 0.5
@@ -149,7 +152,9 @@ def _check_seconds(name: str, value: float) -> float:
     return float(value)
 
 
-def check_batch_size(batch_size: object) -> int:
+def check_batch_size(batch_size: object, completion: Completion = "job") -> int:
+    if batch_size is None:
+        return DEFAULT_BATCH_SIZE if completion == "job" else DEFAULT_BATCHED_COMPLETION_SIZE
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise WorkerError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     return batch_size
@@ -183,7 +188,8 @@ class Worker:
     :param queue: the queue to work; default ``''``, Que's default queue.
     :param queues: several queues instead, in order of preference: a later queue is looked
         at only when no earlier one has a ready job.
-    :param batch_size: the most jobs locked at once; default 20.
+    :param batch_size: the most jobs locked at once; default 20, or 100 with
+        ``completion="batch"``.
     :param completion: ``"job"`` (default): every job completes in a transaction of its
         own; ``"batch"``: jobs whose handlers did not use the database complete together.
     :param wake_interval: seconds to sleep when no job is ready; default 5.
@@ -203,7 +209,7 @@ class Worker:
         *,
         queue: str = "",
         queues: Sequence[str] | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         completion: Completion = "job",
         wake_interval: float = 5.0,
         max_hold: float = DEFAULT_MAX_HOLD,
@@ -221,8 +227,8 @@ class Worker:
         self.engine = engine
         self.registry = registry_of(handlers)
         self.queues = check_queues(list(queues) if queues is not None else [queue])
-        self.batch_size = check_batch_size(batch_size)
         self.completion = check_completion(completion)
+        self.batch_size = check_batch_size(batch_size, self.completion)
         self.wake_interval = _check_seconds("wake_interval", wake_interval)
         self.max_hold = _check_seconds("max_hold", max_hold)
         self.on_error = on_error
