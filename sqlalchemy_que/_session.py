@@ -2,8 +2,8 @@
 
 A :class:`LockedSession` checks a connection out of the Engine and owns it from the first job
 lock to the last unlock. It records the connection's settings at checkout (autocommit,
-isolation level, read-only, deferrable, prepared-statement threshold, the server's
-idle-in-transaction timeout) and puts them back at check-in; in between, it is the only code
+isolation level, read-only, deferrable, prepared-statement threshold) and puts them back at
+check-in; in between, it is the only code
 that sends statements about its jobs, and it sends them itself, on the driver's connection,
 as statements the server has prepared once (see :mod:`sqlalchemy_que._sql`):
 
@@ -128,7 +128,6 @@ class _Saved:
     read_only: bool | None
     deferrable: bool | None
     prepare_threshold: int | None
-    idle_timeout: bytes
 
 
 def _array(values: Iterable[object]) -> bytes:
@@ -160,6 +159,8 @@ class LockedSession:
         self._pid = 0
         self._saved: _Saved | None = None
         self._begin = _sql.BEGIN
+        self._begin_idle = _sql.BEGIN
+        self._touched = False
         self._held: dict[int, LockedJob] = {}
         self._transaction: RootTransaction | None = None
         self._ending = False  # the session itself is ending the job's transaction
@@ -197,7 +198,6 @@ class LockedSession:
                 read_only=raw.read_only,
                 deferrable=raw.deferrable,
                 prepare_threshold=raw.prepare_threshold,
-                idle_timeout=b"",
             )
             raw.autocommit = True
             # psycopg answers a ROLLBACK by deallocating every prepared statement when it has
@@ -206,9 +206,12 @@ class LockedSession:
             self.connection, self._raw, self._pgconn = connection, raw, raw.pgconn
             self._pid = raw.pgconn.backend_pid
             self._saved = saved
-            idle = self._execute(_sql.TAKE_IDLE_TIMEOUT, [], prepared=False)
-            self._saved = dataclasses.replace(saved, idle_timeout=idle.get_value(0, 0) or b"0")
+            self._touched = False
             self._begin = _sql.BEGIN + _begin_options(saved)
+            # The session sits idle in the job's transaction while the handler computes in
+            # Python: a server that ended it there would end the job's lock with it, letting
+            # a second worker start the job. SET LOCAL ends with the transaction.
+            self._begin_idle = self._begin + b"; " + _sql.NO_IDLE_TIMEOUT
             loader = raw.adapters.get_loader(_TIMESTAMPTZ_OID, pq.Format.TEXT)
             assert loader is not None
             self._load_run_at = loader(_TIMESTAMPTZ_OID, raw).load
@@ -222,10 +225,13 @@ class LockedSession:
     def checkin(self) -> None:
         """Give the connection back clean (no transaction, no advisory lock, the settings it
         came with), or discard it when that cannot be confirmed."""
-        connection, self.connection = self.connection, None
+        connection = self.connection
         if connection is None:
             return
         raw, saved = self._raw, self._saved
+        # Only a handler that used the connection, or jobs still recorded as held, can have
+        # left an advisory lock on the session: otherwise there is nothing to send.
+        may_hold_locks = self._touched or bool(self._held)
         self._held.clear()
         try:
             assert raw is not None and saved is not None
@@ -234,15 +240,8 @@ class LockedSession:
             event.remove(connection, "rollback", self._refuse_rollback)
             if not self._alive() or raw.info.transaction_status != _IDLE:
                 raise LostSessionError("the session is broken or inside a transaction")
-            results = self._pipeline(
-                [
-                    (_sql.UNLOCK_ALL.sql, ()),
-                    (_sql.RESTORE_IDLE_TIMEOUT.sql, [saved.idle_timeout]),
-                ],
-                "giving the connection back",
-            )
-            if any(result is None or result.status != _TUPLES for result in results):
-                raise LostSessionError("the connection could not be reset")
+            if may_hold_locks:
+                self._execute(_sql.UNLOCK_ALL, [], prepared=False)
             raw.prepare_threshold = saved.prepare_threshold
             raw.autocommit = saved.autocommit
             raw.isolation_level = saved.isolation_level
@@ -254,6 +253,7 @@ class LockedSession:
         else:
             connection.close()
         finally:
+            self.connection = None
             self._raw = self._pgconn = None
 
     def discard(self) -> None:
@@ -313,7 +313,12 @@ class LockedSession:
         return result
 
     def _execute(
-        self, statement: Statement, params: Sequence[bytes | None], *, prepared: bool = True
+        self,
+        statement: Statement,
+        params: Sequence[bytes | None],
+        *,
+        prepared: bool = True,
+        simple: bool = False,
     ) -> pq.abc.PGresult:
         """Run one statement and return its result; a statement psycopg deallocated under us
         (SQLSTATE 26000) is prepared again and re-sent, which is safe for the statements sent
@@ -323,6 +328,8 @@ class LockedSession:
             raise self._lost("sending a statement")
         pgconn.nonblocking = 0
         try:
+            if simple:  # several statements, no parameters: the simple query protocol
+                return self._check(pgconn.exec_(statement.sql), "working")
             if not prepared:
                 return self._check(pgconn.exec_params(statement.sql, list(params)), "working")
             for attempt in (1, 2):
@@ -464,7 +471,8 @@ class LockedSession:
         if connection is None:
             raise self._lost("opening the job's transaction")
         if self._transaction is None:
-            self._execute(_sql.Statement(b"", self._begin), [], prepared=False)
+            self._touched = True
+            self._execute(_sql.Statement(b"", self._begin_idle), [], prepared=False, simple=True)
             # The server is inside the transaction now; SQLAlchemy is told, so that a
             # Session on this Connection joins it (in a savepoint) instead of owning one.
             self._transaction = connection.begin()

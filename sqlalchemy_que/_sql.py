@@ -121,19 +121,8 @@ COUNT_ADVISORY_LOCKS = _statement(
 #: At check-in and after a handler left locks of its own: let go of every advisory lock.
 UNLOCK_ALL = _statement("unlock_all", "SELECT pg_advisory_unlock_all()")
 
-#: At checkout: the session's own idle-in-transaction timeout, which the worker turns off
-#: while it holds the session (restored at check-in): a server that ended the session while
-#: a handler computes in Python would end the job's lock with it.
-TAKE_IDLE_TIMEOUT = _statement(
-    "take_idle_timeout",
-    "SELECT current_setting('idle_in_transaction_session_timeout'), "
-    "set_config('idle_in_transaction_session_timeout', '0', false)",
-)
-
-RESTORE_IDLE_TIMEOUT = _statement(
-    "restore_idle_timeout",
-    "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
-)
+#: Sent with the job's BEGIN (in one round trip): see LockedSession.open_transaction.
+NO_IDLE_TIMEOUT = b"SET LOCAL idle_in_transaction_session_timeout = 0"
 
 BEGIN = b"BEGIN"
 COMMIT = b"COMMIT"

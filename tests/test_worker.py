@@ -485,3 +485,27 @@ def test_the_job_transaction_has_the_engines_isolation_level(
         assert job_rows(engine) == []
     finally:
         serializable.dispose()
+
+
+def test_an_idle_worker_gives_its_connection_back_for_reuse_not_discarded(
+    database_url: str, engine: Engine
+) -> None:
+    """Going to sleep returns the connection to the pool clean: the next look (and the
+    application's next checkout) gets the same session, not a new one opened at a cost."""
+    one = create_engine(database_url, pool_size=1, max_overflow=0)
+    pids: list[int] = []
+
+    def record(job: JobContext) -> None:
+        pids.append(job.connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    try:
+        worker = Worker(one, {"Pid": record})
+        for _ in range(2):
+            add_job(engine, "Pid")
+            assert worker.run(burst=True) == 1
+        with one.connect() as connection:
+            pids.append(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+            assert connection.connection.driver_connection.autocommit is False
+    finally:
+        one.dispose()
+    assert len(pids) == 3 and len(set(pids)) == 1, pids
