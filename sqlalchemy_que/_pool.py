@@ -82,7 +82,7 @@ def _assignments(
                 f"{dict(queues)!r}"
             )
         return [(name,) for name, count in zip(names, counts, strict=True) for _ in range(count)]
-    names = check_queues(list(queues)) if queues is not None else (queue or "",)
+    names = check_queues(queues) if queues is not None else (queue or "",)
     if queue is not None and not isinstance(queue, str):
         raise WorkerError(f"queue must be a str, got {queue!r}")
     return [names] * (4 if workers is None else workers)
@@ -265,7 +265,8 @@ class WorkerPool:
     def shutdown(self, timeout: float | None = None) -> list[LockedJob]:
         """Stop taking jobs at once, let jobs in progress finish, and return within ``timeout``.
 
-        Jobs locked but not started are released at once.
+        Jobs locked but not started are released as soon as each worker's job in progress
+        ends (at once for a worker between jobs).
 
         :returns: the jobs still running when the timeout ran out (empty when all finished).
             Their rows are intact; each is completed by its worker when its handler returns,

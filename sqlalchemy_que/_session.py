@@ -34,7 +34,7 @@ import dataclasses
 import datetime
 import logging
 import select
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -57,6 +57,7 @@ _TUPLES = pq.ExecStatus.TUPLES_OK
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _IDLE = pq.TransactionStatus.IDLE
+_INERROR = pq.TransactionStatus.INERROR
 _TIMESTAMPTZ_OID = 1184
 _PREPARED_KEY = "sqlalchemy_que.prepared"
 
@@ -161,6 +162,9 @@ class LockedSession:
         self._begin = _sql.BEGIN
         self._begin_idle = _sql.BEGIN
         self._touched = False
+        #: Called before a job's transaction opens (the worker commits its batched
+        #: completions there).
+        self.before_transaction: Callable[[], object] | None = None
         self._held: dict[int, LockedJob] = {}
         self._transaction: RootTransaction | None = None
         self._ending = False  # the session itself is ending the job's transaction
@@ -217,6 +221,7 @@ class LockedSession:
             self._load_run_at = loader(_TIMESTAMPTZ_OID, raw).load
             event.listen(connection, "commit", self._refuse_commit)
             event.listen(connection, "rollback", self._refuse_rollback)
+            event.listen(connection, "before_cursor_execute", self._refuse_other_session)
         except BaseException:
             self.connection = None
             self._discard(connection)
@@ -238,6 +243,7 @@ class LockedSession:
             self._end_transaction_view()
             event.remove(connection, "commit", self._refuse_commit)
             event.remove(connection, "rollback", self._refuse_rollback)
+            event.remove(connection, "before_cursor_execute", self._refuse_other_session)
             if not self._alive() or raw.info.transaction_status != _IDLE:
                 raise LostSessionError("the session is broken or inside a transaction")
             if may_hold_locks:
@@ -471,6 +477,11 @@ class LockedSession:
         if connection is None:
             raise self._lost("opening the job's transaction")
         if self._transaction is None:
+            if self.before_transaction is not None:
+                # Jobs done but not yet committed (batched completion) are committed first:
+                # this job ends with every advisory lock of the session released.
+                self.before_transaction()
+            self._end_transaction_view()  # whatever SQLAlchemy began on its own
             self._touched = True
             self._execute(_sql.Statement(b"", self._begin_idle), [], prepared=False, simple=True)
             # The server is inside the transaction now; SQLAlchemy is told, so that a
@@ -481,17 +492,31 @@ class LockedSession:
     def _end_transaction_view(self) -> None:
         """Close SQLAlchemy's view of a transaction the server has already ended."""
         transaction, self._transaction = self._transaction, None
-        if transaction is None:
-            return
+        connection = self.connection
+        # A refused rollback() still makes SQLAlchemy forget its transaction, and the
+        # handler's next statement then begins another: close that one too.
+        stray = connection.get_transaction() if connection is not None else None
         self._ending = True
         try:
-            with contextlib.suppress(Exception):
-                if transaction.is_active:
-                    transaction.rollback()  # the driver is idle: nothing is sent
-                else:
-                    transaction.close()
+            for view in (transaction, stray):
+                if view is None:
+                    continue
+                with contextlib.suppress(Exception):
+                    if view.is_active:
+                        view.rollback()  # the driver is idle: nothing is sent
+                    else:
+                        view.close()
         finally:
             self._ending = False
+
+    def _refuse_other_session(self, connection: Connection, *args: object) -> None:
+        """A handler's statement on a connection SQLAlchemy has replaced (it reconnects after
+        a lost session once no transaction is open) would run without the job's lock."""
+        if connection.connection.driver_connection is not self._raw:
+            raise LostSessionError(
+                "the job's session was lost; a statement on a new session would run without "
+                "the job's lock"
+            )
 
     def _refuse_commit(self, connection: Connection) -> None:
         if not self._ending:
@@ -520,27 +545,51 @@ class LockedSession:
             rolled back and the job is still locked, for :meth:`record_error`.
         :raises LostSessionError: the session is gone, and the job's lock with it.
         """
-        had_transaction = self._transaction is not None
-        steps: list[tuple[Statement | bytes, Sequence[bytes | None]]] = []
-        if not had_transaction:
-            steps.append((self._begin, ()))
-            steps.append((_sql.DELETE_JOB, job._key_params()))
+        if self._transaction is None:
+            results = self._finish(
+                [
+                    (self._begin, ()),
+                    (_sql.DELETE_JOB, job._key_params()),
+                    (_sql.COMMIT, ()),
+                    (_sql.UNLOCK_JOB, [str(job.job_id).encode()]),
+                ],
+                "completing a job",
+            )
+            self._unlocked(results[3], [job])
+            deleted = results[1]
         else:
-            # The handler's own statements may have made psycopg deallocate prepared
-            # statements (it does on ROLLBACK): the one statement that must not fail for
-            # that reason inside the handler's transaction is sent unnamed.
-            steps.append((_sql.DELETE_JOB.sql, job._key_params()))
-        steps.append((_sql.COMMIT, ()))
-        steps.append((_sql.UNLOCK_JOB, [str(job.job_id).encode()]))
-        if had_transaction:
-            steps.append((_sql.COUNT_ADVISORY_LOCKS, ()))
-        results = self._finish(steps, "completing a job")
-        deleted = results[1 if not had_transaction else 0]
+            self._refuse_aborted("completing a job")
+            # The handler's statements may have made psycopg deallocate prepared statements
+            # (it does on ROLLBACK): inside its transaction only unnamed statements are sent.
+            results = self._finish(
+                [
+                    (_sql.DELETE_JOB.sql, job._key_params()),
+                    (_sql.COMMIT, ()),
+                    (_sql.UNLOCK_ALL.sql, ()),
+                ],
+                "completing a job",
+            )
+            self._unlocked_all()
+            deleted = results[0]
         assert deleted is not None
-        self._unlocked(results[3 if not had_transaction else 2], [job])
-        if had_transaction:
-            self._release_foreign_locks(results[-1])
         return (deleted.command_tuples or 0) > 0
+
+    def _refuse_aborted(self, what: str) -> None:
+        """A handler that caught a database error and returned left the job's transaction
+        aborted: nothing can commit it. Roll back and fail the job."""
+        if self._pgconn is not None and self._pgconn.transaction_status == _INERROR:
+            self._rollback()
+            raise StatementFailedError(
+                f"{what} failed: the handler left the job's transaction aborted by an error "
+                "it caught; its work is rolled back"
+            )
+
+    def _unlocked_all(self) -> None:
+        """After ``pg_advisory_unlock_all()``: a handler that used the connection may have
+        taken advisory locks of its own (even on the id of another job of this batch, which
+        no count of ``pg_locks`` rows can tell apart), so every lock of the session went, and
+        the batch's jobs not yet started are left for anyone to take."""
+        self._held.clear()
 
     def complete_many(self, queue: str, jobs: Sequence[LockedJob]) -> int:
         """Delete several jobs of ``queue`` in one transaction, commit, and unlock them, in
@@ -568,26 +617,35 @@ class LockedSession:
         :returns: True when the row was there to update.
         :raises StatementFailedError: the server refused the update (the job stays locked).
         """
+        touched = self._transaction is not None
         self._rollback()
         params = [*job._key_params(), repr(float(delay)).encode(), last_error.encode()]
+        unlock = (
+            (_sql.UNLOCK_ALL.sql, [])
+            if touched
+            else (_sql.UNLOCK_JOB.sql, [str(job.job_id).encode()])
+        )
         results = self._finish(
-            [
-                (self._begin, ()),
-                (_sql.RECORD_ERROR.sql, params),
-                (_sql.COMMIT, ()),
-                (_sql.UNLOCK_JOB, [str(job.job_id).encode()]),
-            ],
+            [(self._begin, ()), (_sql.RECORD_ERROR.sql, params), (_sql.COMMIT, ()), unlock],
             "recording a job's error",
         )
-        self._unlocked(results[3], [job])
+        if touched:
+            self._unlocked_all()
+        else:
+            self._unlocked(results[3], [job])
         updated = results[1]
         assert updated is not None
         return (updated.command_tuples or 0) > 0
 
     def abandon(self, job: LockedJob) -> None:
         """Roll back the job's transaction and unlock the job, its row untouched."""
+        touched = self._transaction is not None
         self._rollback()
-        self.release([job])
+        if touched:
+            self._execute(_sql.UNLOCK_ALL, [], prepared=False)
+            self._unlocked_all()
+        else:
+            self.release([job])
 
     def holds(self, job: LockedJob) -> bool:
         """True while this session holds the job's lock."""
@@ -648,20 +706,6 @@ class LockedSession:
                 "an unlock after a commit was not confirmed; the session is discarded so "
                 "that the server releases its locks"
             )
-
-    def _release_foreign_locks(self, result: pq.abc.PGresult | None) -> None:
-        """A handler that took advisory locks of its own on ``job.connection`` and kept them
-        past its job: let go of them (and of this session's not-yet-started jobs, which a
-        lock-all release cannot tell apart; they are simply left for anyone to take)."""
-        count = int(result.get_value(0, 0) or 0) if result is not None else 0
-        if count <= len(self._held):
-            return
-        logger.warning(
-            "a handler left %d advisory lock(s) on job.connection; released",
-            count - len(self._held),
-        )
-        self._execute(_sql.UNLOCK_ALL, [], prepared=False)
-        self._held.clear()
 
 
 def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:

@@ -111,14 +111,8 @@ RECORD_ERROR = _statement(
     "WHERE queue = $1 AND priority = $2 AND run_at = $3::timestamptz AND job_id = $4",
 )
 
-#: How many advisory locks of any kind this session holds (job locks and any other).
-COUNT_ADVISORY_LOCKS = _statement(
-    "count_advisory_locks",
-    "SELECT count(*) FROM pg_locks "
-    "WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted",
-)
-
-#: At check-in and after a handler left locks of its own: let go of every advisory lock.
+#: At check-in, and after a job whose handler used the connection (it may have taken advisory
+#: locks of its own): let go of every advisory lock of the session.
 UNLOCK_ALL = _statement("unlock_all", "SELECT pg_advisory_unlock_all()")
 
 #: Sent with the job's BEGIN (in one round trip): see LockedSession.open_transaction.

@@ -226,7 +226,7 @@ class Worker:
             )
         self.engine = engine
         self.registry = registry_of(handlers)
-        self.queues = check_queues(list(queues) if queues is not None else [queue])
+        self.queues = check_queues(queues if queues is not None else [queue])
         self.completion = check_completion(completion)
         self.batch_size = check_batch_size(batch_size, self.completion)
         self.wake_interval = _check_seconds("wake_interval", wake_interval)
@@ -381,6 +381,12 @@ class Worker:
         locked_at = time.monotonic()
         pending = collections.deque(jobs)
         buffered: list[LockedJob] = []  # completed by their handlers, not yet committed
+
+        def complete_buffered() -> None:
+            if buffered:
+                self._complete_buffered(session, buffered)
+
+        session.before_transaction = complete_buffered
         worked = 0
         try:
             while pending:
