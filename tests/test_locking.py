@@ -157,9 +157,14 @@ class _DeletingSession(LockedSession):
         self.doomed = doomed
 
     def _execute(
-        self, statement: Statement, params: Sequence[bytes | None], *, prepared: bool = True
+        self,
+        statement: Statement,
+        params: Sequence[bytes | None],
+        *,
+        prepared: bool = True,
+        simple: bool = False,
     ) -> Any:
-        result = super()._execute(statement, params, prepared=prepared)
+        result = super()._execute(statement, params, prepared=prepared, simple=simple)
         if statement is LOCK_JOBS and self.doomed:
             with self.engine.begin() as other:
                 other.execute(

@@ -505,7 +505,8 @@ def test_an_idle_worker_gives_its_connection_back_for_reuse_not_discarded(
             assert worker.run(burst=True) == 1
         with one.connect() as connection:
             pids.append(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
-            assert connection.connection.driver_connection.autocommit is False
+            driver = connection.connection.driver_connection
+            assert driver is not None and driver.autocommit is False
     finally:
         one.dispose()
     assert len(pids) == 3 and len(set(pids)) == 1, pids
