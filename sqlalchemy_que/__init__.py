@@ -13,10 +13,15 @@ The public names are re-exported here; see the documentation in ``docs/`` for th
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from ._pool import WorkerPool
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
+    ConfigurationError,
     InvalidJobError,
+    LockError,
+    LostSessionError,
     QueError,
     SchemaError,
     UnknownJobClassError,
@@ -31,13 +36,16 @@ from .stats import JobStats, WorkerState, clear, job_stats, worker_states
 from .worker import Worker, format_last_error
 
 __all__ = [
+    "ConfigurationError",
     "InvalidJobError",
     "JobContext",
     "JobDefinition",
     "JobLock",
     "JobRegistry",
     "JobStats",
+    "LockError",
     "LockedJob",
+    "LostSessionError",
     "QueError",
     "QueJob",
     "SchemaError",
@@ -66,4 +74,7 @@ __all__ = [
     "worker_states",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("sqlalchemy-que")
+except _metadata.PackageNotFoundError:  # imported from a checkout that is not installed
+    __version__ = "0+unknown"

@@ -43,7 +43,7 @@ from sqlalchemy import Connection, Engine, RootTransaction, event
 
 from . import _sql
 from ._sql import Statement
-from .errors import QueError
+from .errors import LockError, LostSessionError, QueError
 
 __all__ = ["LockedJob", "LockedSession", "LostSessionError", "StatementFailedError"]
 
@@ -67,14 +67,6 @@ _ISOLATION = {
     psycopg.IsolationLevel.REPEATABLE_READ: b" ISOLATION LEVEL REPEATABLE READ",
     psycopg.IsolationLevel.SERIALIZABLE: b" ISOLATION LEVEL SERIALIZABLE",
 }
-
-
-class LostSessionError(QueError):
-    """The session that held a job's lock is gone (or was replaced) while the worker had it.
-
-    Its locks went with it; nothing more may be written about its jobs from here, since
-    another worker may hold them by now.
-    """
 
 
 class StatementFailedError(QueError):
@@ -184,7 +176,7 @@ class LockedSession:
     def checkout(self) -> None:
         """Check a connection out of the Engine and take it over."""
         if self.connection is not None:
-            raise QueError("this session already has a connection")
+            raise LockError("this session already has a connection")
         connection = self.engine.connect()
         try:
             raw = connection.connection.driver_connection
@@ -458,7 +450,7 @@ class LockedSession:
         for job in jobs:
             self._held.pop(job.job_id, None)
         if any(result.get_value(row, 0) != b"t" for row in range(result.ntuples)):
-            raise QueError("a job lock this session recorded was not held by it")
+            raise LockError("a job lock this session recorded was not held by it")
 
     # -- the job's transaction -----------------------------------------------------------
 

@@ -9,7 +9,15 @@ Every exception the library raises on purpose derives from :class:`QueError`, so
     │   └── UnsupportedSchemaError   the table belongs to Que 1.x/2.x (comment '4'..'7')
     ├── UnknownJobClassError  a job's job_class has no handler in this worker (recorded as
     │                         the job's error; the job is kept and retried)
-    └── WorkerError          a worker or pool was misconfigured or could not start
+    ├── ConfigurationError   (also a ValueError) a setting was refused: a database URL, an
+    │   │                    import path, a Flask config key
+    │   └── WorkerError      a worker or pool was misconfigured or could not start
+    └── LockError            a job lock was not where it had to be: already released, held
+        │                    by no one, or used after its job was completed
+        └── LostSessionError the session holding a worker's locks was lost; its jobs are
+                             left for another worker, never written from this one
+
+Every class shows as ``sqlalchemy_que.<Name>``, as users import it.
 
 Errors from the database driver are not wrapped when they concern the caller's own
 transaction (an ``INSERT`` refused by the server is the caller's ``sqlalchemy.exc.DBAPIError``);
@@ -19,7 +27,10 @@ where the library adds meaning it raises its own error ``from`` the driver's.
 from __future__ import annotations
 
 __all__ = [
+    "ConfigurationError",
     "InvalidJobError",
+    "LockError",
+    "LostSessionError",
     "QueError",
     "SchemaError",
     "UnknownJobClassError",
@@ -60,7 +71,12 @@ class UnsupportedSchemaError(SchemaError):
         self.version = version
 
 
-class WorkerError(QueError):
+class ConfigurationError(QueError, ValueError):
+    """A setting was refused (a database URL, an import path of handlers, a configuration
+    key); the message names the setting and its value, and says what is expected."""
+
+
+class WorkerError(ConfigurationError):
     """A worker or worker pool is misconfigured or cannot start (for example, an Engine whose
     connection pool is smaller than the number of workers)."""
 
@@ -71,3 +87,32 @@ class UnknownJobClassError(QueError):
     Raised inside the worker and recorded as the job's error, like any handler failure: the
     job is kept and retried later, perhaps by a worker (in any language) that knows it.
     """
+
+
+class LockError(QueError):
+    """A job lock was not where it had to be: used after its job was completed, or reported
+    released by the server although this session had recorded it as held."""
+
+
+class LostSessionError(LockError):
+    """The session that held a worker's job locks is gone (or was replaced) while the worker
+    had it.
+
+    Its locks went with it; nothing more is written about its jobs from here, since another
+    worker may hold them by now.
+    """
+
+
+for _error in (
+    QueError,
+    InvalidJobError,
+    SchemaError,
+    UnsupportedSchemaError,
+    ConfigurationError,
+    WorkerError,
+    UnknownJobClassError,
+    LockError,
+    LostSessionError,
+):
+    _error.__module__ = "sqlalchemy_que"  # as users see and import them
+del _error

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from sqlalchemy import Connection, Engine
 
 from ._session import LockedJob, LockedSession
-from .errors import QueError
+from .errors import LockError
 
 __all__ = ["JobLock", "LockedJob", "locked_job"]
 
@@ -51,7 +51,7 @@ class JobLock:
         :returns: True when the row was there to delete.
         """
         if self.done:
-            raise QueError(f"job {self.job.job_id} was already completed")
+            raise LockError(f"job {self.job.job_id} was already completed; its lock is released")
         deleted = self._session.complete(self.job)
         self.done = True
         return deleted
