@@ -13,7 +13,10 @@ The public names are re-exported here; see the documentation in ``docs/`` for th
 
 from __future__ import annotations
 
+from . import _tables  # noqa: F401  # our tables join sqlalchemy_que.metadata
 from ._pool import WorkerPool
+from ._schedule import Schedule, cron, every
+from ._scheduler import ScheduleState, schedule_states
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     InvalidJobError,
@@ -40,6 +43,8 @@ __all__ = [
     "LockedJob",
     "QueError",
     "QueJob",
+    "Schedule",
+    "ScheduleState",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",
@@ -49,8 +54,10 @@ __all__ = [
     "WorkerState",
     "check_schema",
     "clear",
+    "cron",
     "default_retry_delay",
     "enqueue",
+    "every",
     "format_last_error",
     "insert_job",
     "insert_jobs",
@@ -61,6 +68,7 @@ __all__ = [
     "metadata",
     "migrate",
     "migrations_path",
+    "schedule_states",
     "schema_version",
     "version_location",
     "worker_states",
