@@ -98,6 +98,7 @@ def check_schedules(schedules: Iterable[Schedule]) -> dict[str, Schedule]:
             raise WorkerError(
                 f"two schedules are named {schedule.key!r}; give one of them name=..."
             )
+        _unique_key(schedule)  # a key function that fails does so now, not at every tick
         by_name[schedule.key] = schedule
     return by_name
 
@@ -109,9 +110,10 @@ def _unique_key(schedule: Schedule) -> str | None:
     if key_function is None:
         return None
     key = key_function(*schedule.args)
-    if not isinstance(key, str):
+    if not isinstance(key, str) or not key:
         raise WorkerError(
-            f"the unique_key function of job {schedule.job_class!r} returned {key!r}, not a str"
+            f"the unique_key function of job {schedule.job_class!r} returned {key!r} for the "
+            f"arguments of schedule {schedule.key!r}; it must return a non-empty str"
         )
     return key
 

@@ -335,9 +335,15 @@ def schedules(import_path: str, database_url: str | None, as_json: bool) -> None
         registry = load_handlers(import_path)
         engine = _engine(database_url)
         try:
-            states = schedule_states(engine, registry.schedules.values())
+            print_schedules(engine, registry, as_json, where=import_path)
         finally:
             engine.dispose()
+
+
+def print_schedules(engine: Engine, registry: JobRegistry, as_json: bool, *, where: str) -> None:
+    """Print the registry's schedules with their last and next tick (the ``schedules``
+    command, here and under ``flask que``)."""
+    states = schedule_states(engine, registry.schedules.values())
     if as_json:
         click.echo(
             json.dumps(
@@ -348,7 +354,7 @@ def schedules(import_path: str, database_url: str | None, as_json: bool) -> None
         )
         return
     if not states:
-        click.echo(f"(no schedules in {import_path})")
+        click.echo(f"(no schedules in {where})")
         return
     header = ("schedule", "job_class", "when", "missed", "last_tick", "last_job", "next_tick")
     rows = [

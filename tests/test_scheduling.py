@@ -292,3 +292,37 @@ def test_schedule_states_and_the_cli(clean: Engine, database_url: str) -> None:
     result = runner.invoke(main, ["schedules", path, "--json", "--database-url", database_url])
     assert result.exit_code == 0, result.output
     assert {entry["name"] for entry in json.loads(result.output)} == {"Nightly", "Ping"}
+
+
+def test_a_failing_key_function_is_refused_when_the_scheduler_is_made(clean: Engine) -> None:
+    registry = JobRegistry()
+
+    @registry.job("Keyed", unique_key=lambda n: "", schedule=every(60, args=[1]))
+    def keyed(job: JobContext, n: int) -> None: ...
+
+    with pytest.raises(WorkerError, match="must return a non-empty str"):
+        WorkerPool(clean, registry)
+
+
+def test_flask_que_schedules_and_the_apps_pool_keep_every_schedule(
+    clean: Engine, database_url: str
+) -> None:
+    import flask
+    from flask_sqlalchemy import SQLAlchemy
+
+    from sqlalchemy_que.flask import Que
+
+    from .schedule_handlers import registry
+
+    app = flask.Flask("schedules")
+    app.config["SQLALCHEMY_DATABASE_URI"] = database_url
+    db = SQLAlchemy(app)
+    que = Que(app, db=db, handlers=registry)
+    pool = que.worker_pool(workers=1)
+    assert pool.scheduler is not None
+    assert sorted(pool.scheduler.schedules) == ["Nightly", "Ping"]
+    result = app.test_cli_runner().invoke(args=["que", "schedules", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {entry["name"] for entry in json.loads(result.output)} == {"Nightly", "Ping"}
+    with app.app_context():
+        db.engine.dispose()
