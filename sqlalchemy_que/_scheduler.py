@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ._schedule import Schedule
 from ._tables import SCHEDULE_TICKS
@@ -231,29 +232,16 @@ class Scheduler:
         for name in names:
             schedule = self.schedules[name]
             since = last_ticks.get(name) or self._first_seen.setdefault(name, now)
-            ticks, skipped = schedule.due(since, now)
-            for tick in ticks:
-                with engine.begin() as connection:
-                    job_id = enqueue_tick(connection, schedule, tick)
-                if job_id is not None:
-                    self.enqueued += 1
-                    logger.info(
-                        "schedule %s: tick %s enqueued as job %s",
-                        name,
-                        tick.isoformat(),
-                        job_id,
-                        extra={"schedule": name, "tick": tick.isoformat(), "job_id": job_id},
-                    )
-            if skipped is not None:
-                with engine.begin() as connection:
-                    connection.execute(_CLAIM_TICK, {"schedule": name, "tick": skipped})
-                logger.warning(
-                    "schedule %s: ticks up to %s were missed (no pool ran); skipped",
-                    name,
-                    skipped.isoformat(),
-                    extra={"schedule": name, "tick": skipped.isoformat()},
-                )
-            latest = max([since, *ticks, *([skipped] if skipped else [])])
+            try:
+                latest = self._enqueue_due(engine, schedule, since, now)
+            except (OperationalError, InterfaceError, OSError):
+                raise  # the connection: the thread backs off and starts the pass again
+            except Exception:
+                # This schedule's job cannot be enqueued (say, a handler's arguments the
+                # server refuses): the others go on; it is tried again in a second.
+                logger.exception("schedule %s: cannot enqueue its tick", name)
+                wait = min(wait, 1.0)
+                continue
             upcoming = schedule.next_after(max(latest, now))
             wait = min(wait, (upcoming - now).total_seconds())
         if time.monotonic() - self._pruned_at > _PRUNE_EVERY:
@@ -261,6 +249,40 @@ class Scheduler:
                 connection.execute(_PRUNE, {"names": names, "before": now - _KEEP})
             self._pruned_at = time.monotonic()
         return max(wait, 0.0) + 0.001  # wake just after the tick, not just before it
+
+    def _enqueue_due(
+        self,
+        engine: Engine,
+        schedule: Schedule,
+        since: datetime.datetime,
+        now: datetime.datetime,
+    ) -> datetime.datetime:
+        """Enqueue (or record as skipped) the ticks of one schedule due since ``since``;
+        return the latest tick it now knows of."""
+        name = schedule.key
+        ticks, skipped = schedule.due(since, now)
+        for tick in ticks:
+            with engine.begin() as connection:
+                job_id = enqueue_tick(connection, schedule, tick)
+            if job_id is not None:
+                self.enqueued += 1
+                logger.info(
+                    "schedule %s: tick %s enqueued as job %s",
+                    name,
+                    tick.isoformat(),
+                    job_id,
+                    extra={"schedule": name, "tick": tick.isoformat(), "job_id": job_id},
+                )
+        if skipped is not None:
+            with engine.begin() as connection:
+                connection.execute(_CLAIM_TICK, {"schedule": name, "tick": skipped})
+            logger.warning(
+                "schedule %s: ticks up to %s were missed (no pool ran); skipped",
+                name,
+                skipped.isoformat(),
+                extra={"schedule": name, "tick": skipped.isoformat()},
+            )
+        return max([since, *ticks, *([skipped] if skipped else [])])
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
