@@ -46,7 +46,7 @@ $(MIN_VENV)/.installed: pyproject.toml constraints/minimums.txt
 	touch $@
 
 test-minimums: $(MIN_VENV)/.installed
-	$(MIN_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(sqlalchemy|psycopg|psycopg-binary|alembic|click|flask|flask-sqlalchemy|flask-migrate)=='
+	$(MIN_VENV)/bin/python -m pip freeze --exclude-editable | grep -iE '^(sqlalchemy|psycopg|psycopg-binary|alembic|click|cronsim|flask|flask-sqlalchemy|flask-migrate)=='
 	$(MIN_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Lint and types do not depend on the server: only the demo and pytest run again.

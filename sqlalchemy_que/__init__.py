@@ -15,7 +15,10 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from . import _tables  # noqa: F401  # our tables join sqlalchemy_que.metadata
 from ._pool import WorkerPool
+from ._schedule import Schedule, cron, every
+from ._scheduler import ScheduleState, schedule_states
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     ConfigurationError,
@@ -48,6 +51,8 @@ __all__ = [
     "LostSessionError",
     "QueError",
     "QueJob",
+    "Schedule",
+    "ScheduleState",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",
@@ -57,8 +62,10 @@ __all__ = [
     "WorkerState",
     "check_schema",
     "clear",
+    "cron",
     "default_retry_delay",
     "enqueue",
+    "every",
     "format_last_error",
     "insert_job",
     "insert_jobs",
@@ -69,6 +76,7 @@ __all__ = [
     "metadata",
     "migrate",
     "migrations_path",
+    "schedule_states",
     "schema_version",
     "version_location",
     "worker_states",

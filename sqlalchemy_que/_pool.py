@@ -29,6 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
 
+from ._scheduler import Scheduler
 from ._session import LockedJob
 from .errors import WorkerError
 from .listener import Listener
@@ -115,6 +116,10 @@ class WorkerPool:
         the next poll (see :mod:`sqlalchemy_que.listener`). Turn it off where ``LISTEN``
         does not work, such as behind a transaction-pooling proxy; polling every
         ``wake_interval`` still finds every job.
+    :param run_schedules: take part in enqueueing the ticks of the registry's schedules
+        (:func:`~sqlalchemy_que.cron`, :func:`~sqlalchemy_que.every`), in a thread with a
+        connection of its own; each tick is enqueued once however many pools run. Default
+        True; it does nothing for a registry without schedules, or with ``burst``.
     Other parameters as for :class:`~sqlalchemy_que.Worker`.
     """
 
@@ -133,6 +138,7 @@ class WorkerPool:
         on_error: ErrorReporter | None = None,
         check_schema: bool = True,
         listen: bool = True,
+        run_schedules: bool = True,
     ) -> None:
         self.engine = engine
         self.registry = registry_of(handlers)
@@ -156,6 +162,10 @@ class WorkerPool:
         ]
         self._threads: list[threading.Thread] = []
         self.listener = Listener(engine, self.queues, self._wake_for) if listen else None
+        schedules = self.registry.schedules
+        self.scheduler = (
+            Scheduler(engine, schedules.values()) if run_schedules and schedules else None
+        )
 
     @property
     def queue(self) -> str:
@@ -223,6 +233,8 @@ class WorkerPool:
         self._preflight()
         if self.listener is not None and not burst:  # a burst ends when nothing is ready
             self.listener.start()
+        if self.scheduler is not None and not burst:
+            self.scheduler.start()
         for worker in self.workers:
             thread = threading.Thread(
                 target=worker.run, kwargs={"burst": burst}, name=worker.name, daemon=True
@@ -260,6 +272,8 @@ class WorkerPool:
             return False
         if self.listener is not None:
             self.listener.stop()  # nobody left to wake
+        if self.scheduler is not None:
+            self.scheduler.stop()
         return True
 
     def shutdown(self, timeout: float | None = None) -> list[LockedJob]:
@@ -278,6 +292,8 @@ class WorkerPool:
             worker.stop()
         if self.listener is not None:
             self.listener.stop(timeout)
+        if self.scheduler is not None:
+            self.scheduler.stop(timeout)
         self.join(None if timeout is None else max(0.0, timeout - (time.monotonic() - started)))
         still_running = self.running_jobs
         if still_running:

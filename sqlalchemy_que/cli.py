@@ -5,6 +5,7 @@
     sqlalchemy-que migrate --database-url postgresql://localhost/app
     sqlalchemy-que worker myapp.jobs:registry --workers 4 --queue mail
     sqlalchemy-que stats --json
+    sqlalchemy-que schedules myapp.jobs:registry
     sqlalchemy-que demo
 
 Settings come from options or their environment variables (``DATABASE_URL``, ``QUE_QUEUE``,
@@ -40,6 +41,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from . import schema, stats
 from ._pool import WorkerPool
+from ._scheduler import schedule_states
 from ._supervisor import child_command, child_environment, supervise
 from .enqueue import insert_job
 from .errors import QueError
@@ -321,6 +323,55 @@ def enqueue(
         finally:
             engine.dispose()
     click.echo(f"enqueued job {job_id}")
+
+
+@main.command()
+@click.argument("import_path")
+@_database_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def schedules(import_path: str, database_url: str | None, as_json: bool) -> None:
+    """List the schedules of the registry at IMPORT_PATH with their last and next tick."""
+    with _explained():
+        registry = load_handlers(import_path)
+        engine = _engine(database_url)
+        try:
+            print_schedules(engine, registry, as_json, where=import_path)
+        finally:
+            engine.dispose()
+
+
+def print_schedules(engine: Engine, registry: JobRegistry, as_json: bool, *, where: str) -> None:
+    """Print the registry's schedules with their last and next tick (the ``schedules``
+    command, here and under ``flask que``)."""
+    states = schedule_states(engine, registry.schedules.values())
+    if as_json:
+        click.echo(
+            json.dumps(
+                [{name: getattr(s, name) for name in s.__slots__} for s in states],
+                default=_json_default,
+                indent=2,
+            )
+        )
+        return
+    if not states:
+        click.echo(f"(no schedules in {where})")
+        return
+    header = ("schedule", "job_class", "when", "missed", "last_tick", "last_job", "next_tick")
+    rows = [
+        (
+            state.name,
+            state.job_class,
+            state.timing,
+            state.missed,
+            state.last_tick.isoformat(timespec="seconds") if state.last_tick else "-",
+            "-" if state.last_job_id is None else str(state.last_job_id),
+            state.next_tick.isoformat(timespec="seconds"),
+        )
+        for state in states
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
+    for line in (header, *rows):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
 
 
 @main.command()

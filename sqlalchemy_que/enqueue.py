@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime
 import functools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, overload
 
 from sqlalchemy import BigInteger, Connection, DateTime, TextClause, bindparam, text
 from sqlalchemy.ext.compiler import compiles
@@ -46,9 +46,10 @@ from ._checks import (
     check_schedule,
 )
 from ._json import _PreDumped, dump_args
+from ._unique import check_unique_key, unique_insert_statement, unique_parameters
 from .errors import InvalidJobError
 from .model import QueJob
-from .notify import notify_job, pending_wakeup
+from .notify import _payload, channel_for, notify_job, pending_wakeup
 
 if TYPE_CHECKING:
     from .jobs import JobDefinition
@@ -133,8 +134,11 @@ def enqueue(
     :param run_in: instead of ``run_at``, a delay (a ``timedelta``, or seconds as an int or
         float; at most 100 years) after the database's ``now()``, the start of the
         transaction. ``run_at`` is then filled in at flush.
-    :raises InvalidJobError: naming the bad value, before anything is sent.
+    :raises InvalidJobError: naming the bad value, before anything is sent; also for a job
+        declared with a ``unique_key`` (``session.add()`` could not say that a job was not
+        added: use :func:`insert_job` or the definition's ``insert_unique()``).
     """
+    _refuse_unique(job_class, "enqueue()")
     values = job_values(
         job_class, args, queue=queue, priority=priority, run_at=run_at, run_in=run_in
     )
@@ -170,6 +174,18 @@ def _microseconds(delay: datetime.timedelta) -> int:
     return (delay.days * 86_400 + delay.seconds) * 1_000_000 + delay.microseconds
 
 
+def _refuse_unique(job_class: object, form: str) -> None:
+    """A job declared unique must go through a form that can say it was not enqueued."""
+    if getattr(job_class, "unique_key", None) is not None:
+        name = getattr(job_class, "name", job_class)
+        raise InvalidJobError(
+            f"job {name!r} is declared with a unique_key; {form} cannot say when a job "
+            f"with the same key is already waiting: use {name}.insert_unique(bind, ...) or "
+            "insert_job(bind, job, ..., unique_key=...), which return None then"
+        )
+
+
+@overload
 def insert_job(
     bind: Bind,
     job_class: str | JobDefinition[Any],
@@ -178,15 +194,51 @@ def insert_job(
     priority: int | None = None,
     run_at: datetime.datetime | None = None,
     run_in: datetime.timedelta | float | None = None,
-) -> int:
+    unique_key: None = None,
+) -> int: ...
+
+
+@overload
+def insert_job(
+    bind: Bind,
+    job_class: str | JobDefinition[Any],
+    *args: Any,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime.datetime | None = None,
+    run_in: datetime.timedelta | float | None = None,
+    unique_key: str,
+) -> int | None: ...
+
+
+def insert_job(
+    bind: Bind,
+    job_class: str | JobDefinition[Any],
+    *args: Any,
+    queue: str | None = None,
+    priority: int | None = None,
+    run_at: datetime.datetime | None = None,
+    run_in: datetime.timedelta | float | None = None,
+    unique_key: str | None = None,
+) -> int | None:
     """Insert one job with a single ``INSERT ... RETURNING`` in ``bind``'s transaction.
 
     The Core counterpart of :func:`enqueue`, for code that holds a ``Connection`` (it also
-    accepts a ``Session``). It never commits. Parameters as for :func:`enqueue`.
+    accepts a ``Session``). It never commits. Parameters as for :func:`enqueue`, and:
 
-    :returns: the new job's ``job_id``.
+    :param unique_key: make the job unique (see ``docs/scheduling.md``): while a job
+        enqueued with this key is waiting or running (still in ``que_jobs``), nothing is
+        inserted and None is returned. The key is released when that job's row leaves
+        ``que_jobs`` (completed, or failed for good), in the same transaction; a retry keeps
+        it. A concurrent, uncommitted enqueue of the same key makes this one wait for that
+        transaction to end. A non-empty str of at most 500 characters.
+    :returns: the new job's ``job_id``; with ``unique_key``, None when the key is held.
     :raises InvalidJobError: naming the bad value, before anything is sent.
     """
+    if unique_key is None:
+        _refuse_unique(job_class, "insert_job() without unique_key")
+    else:
+        unique_key = check_unique_key(unique_key)
     values = job_values(
         job_class, args, queue=queue, priority=priority, run_at=run_at, run_in=run_in
     )
@@ -195,6 +247,8 @@ def insert_job(
         # The wake-up's time is a hint for the listener (which compares it with its own clock).
         due = datetime.datetime.now(_UTC) + values["run_in"]
         values["run_in"] = _microseconds(values["run_in"])
+    if unique_key is not None:
+        return _insert_unique(bind, values, unique_key, due)
     wakeup = pending_wakeup(_connection_of(bind), values.get("queue", ""), due)
     columns = tuple(name for name in _INSERT_ORDER if name in values)
     if wakeup is not None:
@@ -202,6 +256,20 @@ def insert_job(
     row = bind.execute(_insert_statement(columns, notify=wakeup is not None), values).first()
     assert row is not None  # INSERT ... RETURNING one row
     return int(row[0])
+
+
+def _insert_unique(
+    bind: Bind, values: dict[str, Any], unique_key: str, due: datetime.datetime | None
+) -> int | None:
+    form, parameters = unique_parameters(values, unique_key)
+    # The wake-up rides in the statement and is sent only with a job actually inserted (the
+    # per-transaction accounting of pending_wakeup would count a skipped one as sent; the
+    # server folds repeated identical notifications of one transaction into one).
+    queue = parameters["queue"]
+    parameters["channel"] = channel_for(queue)
+    parameters["payload"] = _payload(queue, None if due is None else due.timestamp())
+    row = bind.execute(unique_insert_statement(form, notify=True), parameters).first()
+    return None if row is None else int(row[0])
 
 
 _UTC = datetime.timezone.utc
@@ -353,6 +421,7 @@ def insert_many(
     :returns: the number of jobs inserted.
     :raises InvalidJobError: naming the bad argument list and value, before anything is sent.
     """
+    _refuse_unique(job_class, "insert_many()")
     shared = job_values(job_class, (), queue=queue, priority=priority, run_at=run_at, run_in=run_in)
     delay = shared.pop("run_in", None)
     if delay is not None:

@@ -33,7 +33,8 @@ to the transaction that deletes the job: what the handler writes through ``db.se
 committed together with the job's completion, or rolled back with the error that reschedules
 it. ``db.session.commit()`` in a handler only flushes.
 
-``init_app`` adds a ``flask que`` command group: ``flask que worker``, ``flask que stats`` and
+``init_app`` adds a ``flask que`` command group: ``flask que worker``, ``flask que stats``,
+``flask que schedules`` and
 ``flask que migrate``. It reads these configuration keys once, when it runs (later changes
 to ``app.config`` are not seen; options of ``flask que worker`` override them):
 
@@ -79,7 +80,13 @@ from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
 from ._pool import WorkerPool
-from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
+from .cli import (
+    _explained,
+    _print_stats,
+    exit_if_jobs_still_running,
+    load_handlers,
+    print_schedules,
+)
 from .errors import QueError, WorkerError
 from .jobs import JobContext, JobRegistry
 from .worker import ErrorReporter, Handlers
@@ -252,6 +259,8 @@ class Que:
                 for definition in state.handlers.values()
             )
         )
+        # The registry's own schedules (its definitions' come with them): they only enqueue.
+        registry._schedules.extend(getattr(state.handlers, "_schedules", ()))
         return WorkerPool(
             engine,
             registry,
@@ -443,6 +452,20 @@ def stats_command(as_json: bool, watch: float | None) -> None:
             if watch is None:
                 break
             time.sleep(watch)
+
+
+@que_cli.command("schedules")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def schedules_command(as_json: bool) -> None:
+    """The schedules of the app's handlers, with their last and next tick."""
+    _, state = _current()
+    with _explained():
+        if state.handlers is None:
+            raise WorkerError(
+                "no job handlers: pass Que(handlers=...) or set QUE_HANDLERS to "
+                "'package.module:registry'"
+            )
+        print_schedules(state.db.engine, state.handlers, as_json, where="the app's handlers")
 
 
 @que_cli.command("migrate")

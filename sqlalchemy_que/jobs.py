@@ -30,13 +30,14 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
 
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from ._checks import JobDefaults, check_job_class, check_priority, check_queue, check_schedule
+from ._schedule import Schedule
 from .enqueue import Bind, enqueue, insert_job
 from .errors import InvalidJobError, QueError
 from .model import QueJob
@@ -187,6 +188,11 @@ class JobDefinition(JobDefaults, Generic[P]):
     retry_delay: RetryDelay | None = None
     run_at: datetime.datetime | None = None
     run_in: datetime.timedelta | float | None = None
+    #: Derives a job's unique key from its arguments (called with them as the handler
+    #: takes them, after the JobContext); enqueue such a job with :meth:`insert_unique`.
+    unique_key: Callable[P, str] | None = None
+    #: The schedules that enqueue this job periodically (see :func:`~sqlalchemy_que.cron`).
+    schedules: tuple[Schedule, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -213,6 +219,20 @@ class JobDefinition(JobDefaults, Generic[P]):
             )
         _check_handler(self.handler, self.name)
         _positional_parameters(self.handler, self.name)
+        if self.unique_key is not None and not callable(self.unique_key):
+            raise InvalidJobError(
+                f"unique_key of job {self.name!r} must be a function of the job's arguments "
+                f"returning a str, got {self.unique_key!r}"
+            )
+        schedules = (self.schedules,) if isinstance(self.schedules, Schedule) else self.schedules
+        for schedule in schedules:
+            if not isinstance(schedule, Schedule):
+                raise InvalidJobError(
+                    f"schedule of job {self.name!r} must be made by cron() or every(), "
+                    f"got {schedule!r}"
+                )
+            self.positional(*schedule.args)  # type: ignore[call-arg]  # must fit the handler
+        object.__setattr__(self, "schedules", tuple(schedules))
 
     def __call__(self, job: JobContext, *args: P.args, **kwargs: P.kwargs) -> object:
         return self.handler(job, *args, **kwargs)
@@ -271,6 +291,28 @@ class JobDefinition(JobDefaults, Generic[P]):
     def insert(self, bind: Bind, /, *args: P.args, **kwargs: P.kwargs) -> int:
         """Insert the job on a Core ``Connection`` (or ``Session``); return its ``job_id``."""
         return insert_job(bind, self, *self.positional(*args, **kwargs))
+
+    def insert_unique(self, bind: Bind, /, *args: P.args, **kwargs: P.kwargs) -> int | None:
+        """Insert the job as a unique job, its key from the definition's ``unique_key``
+        function; return its ``job_id``, or None when a job with that key is still waiting
+        or running (nothing is inserted then). See ``docs/scheduling.md``.
+
+        :raises InvalidJobError: when the definition has no ``unique_key`` function, or it
+            does not return a non-empty str.
+        """
+        if self.unique_key is None:
+            raise InvalidJobError(
+                f"job {self.name!r} has no unique_key function; declare one with "
+                "job(..., unique_key=lambda *args: ...) or pass "
+                "insert_job(bind, job, ..., unique_key='...')"
+            )
+        positional = self.positional(*args, **kwargs)
+        key = self.unique_key(*positional)  # type: ignore[call-arg]
+        if not isinstance(key, str):
+            raise InvalidJobError(
+                f"the unique_key function of job {self.name!r} returned {key!r}, not a str"
+            )
+        return insert_job(bind, self, *positional, unique_key=key)
 
     def delay_for(self, error_count: int) -> float:
         """The retry delay in seconds after the job's ``error_count``-th failure."""
@@ -404,6 +446,8 @@ def job(
     queue: str | None = None,
     priority: int | None = None,
     retry_delay: RetryDelay | None = None,
+    unique_key: Callable[..., str] | None = None,
+    schedule: Schedule | Sequence[Schedule] = (),
 ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
     """Declare a job: decorate its handler to get a :class:`JobDefinition`.
 
@@ -413,18 +457,39 @@ def job(
     :param priority: the default priority when enqueueing; default 100.
     :param retry_delay: seconds to wait before a retry, constant or a function of the new error
         count; default :func:`default_retry_delay` (``count ** 4 + 3``).
+    :param unique_key: a function of the job's arguments returning its unique key: such a job
+        is enqueued with :meth:`JobDefinition.insert_unique` (the forms that cannot say that
+        nothing was enqueued refuse it); default none.
+    :param schedule: one schedule or several (:func:`~sqlalchemy_que.cron`,
+        :func:`~sqlalchemy_que.every`) that enqueue this job periodically; default none.
     :raises InvalidJobError: when decorating a handler the worker cannot run: an ``async def``
         (async handlers are not supported yet), an async generator or generator function,
         one with keyword-only parameters, or one whose first positional parameter cannot
         take the :class:`JobContext`.
     """
 
+    schedules = (schedule,) if isinstance(schedule, Schedule) else tuple(schedule)
+
     def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
         return JobDefinition(
-            name=name, handler=handler, queue=queue, priority=priority, retry_delay=retry_delay
+            name=name,
+            handler=handler,
+            queue=queue,
+            priority=priority,
+            retry_delay=retry_delay,
+            unique_key=unique_key,
+            schedules=schedules,
         )
 
     return decorate
+
+
+def _add_schedule(found: dict[str, Schedule], schedule: Schedule) -> None:
+    if schedule.key in found and found[schedule.key] != schedule:
+        raise InvalidJobError(
+            f"two schedules are named {schedule.key!r}; give one of them name=..."
+        )
+    found[schedule.key] = schedule
 
 
 class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
@@ -436,6 +501,7 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
 
     def __init__(self, definitions: Mapping[str, Any] | None = None) -> None:
         self._definitions: dict[str, JobDefinition[Any]] = {}
+        self._schedules: list[Schedule] = []
         for name, handler in (definitions or {}).items():
             if isinstance(handler, JobDefinition):
                 self.add(
@@ -465,15 +531,57 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
         queue: str | None = None,
         priority: int | None = None,
         retry_delay: RetryDelay | None = None,
+        unique_key: Callable[..., str] | None = None,
+        schedule: Schedule | Sequence[Schedule] = (),
     ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
         """Like :func:`job`, and register the definition here."""
 
         def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
-            definition = job(name, queue=queue, priority=priority, retry_delay=retry_delay)(handler)
+            definition = job(
+                name,
+                queue=queue,
+                priority=priority,
+                retry_delay=retry_delay,
+                unique_key=unique_key,
+                schedule=schedule,
+            )(handler)
             self.add(definition)
             return definition
 
         return decorate
+
+    def schedule(
+        self, job: str | JobDefinition[Any], schedule: Schedule, /, *, args: Sequence[Any] = ()
+    ) -> Schedule:
+        """Enqueue ``job`` (a definition, or a job_class handled in any language) on
+        ``schedule``, with ``args`` when given (else the schedule's own); return the
+        schedule, attached to the job. Every worker pool given this registry takes part.
+
+        :raises InvalidJobError: when another schedule of this registry has its name.
+        """
+        if not isinstance(schedule, Schedule):
+            raise InvalidJobError(f"schedule must be made by cron() or every(), got {schedule!r}")
+        if isinstance(job, JobDefinition):
+            job.positional(*(args or schedule.args))  # the arguments must fit the handler
+        bound = dataclasses.replace(schedule.bound(job), args=tuple(args) or schedule.args)
+        if bound.key in self.schedules:
+            raise InvalidJobError(
+                f"this registry already has a schedule named {bound.key!r}; give name=..."
+            )
+        self._schedules.append(bound)
+        return bound
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """Every schedule of the registry by name: its definitions' and its own."""
+        found: dict[str, Schedule] = {}
+        for definition in self._definitions.values():
+            for schedule in definition.schedules:
+                bound = schedule.bound(definition) if schedule.job is None else schedule
+                _add_schedule(found, bound)
+        for schedule in self._schedules:
+            _add_schedule(found, schedule)
+        return found
 
     def __getitem__(self, name: str) -> JobDefinition[Any]:
         return self._definitions[name]

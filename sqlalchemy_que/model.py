@@ -45,7 +45,8 @@ SCHEMA_VERSION = 3
 #: The table's name, shared with Ruby Que 0.x and que-go.
 TABLE_NAME = "que_jobs"
 
-#: The metadata that holds :class:`QueJob`'s table and nothing else.
+#: The metadata that holds :class:`QueJob`'s table and the library's own tables beside it
+#: (unique keys and schedule ticks, in :mod:`sqlalchemy_que._tables`).
 metadata = MetaData()
 
 

@@ -43,6 +43,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import coerce_resource_to_filename
 from sqlalchemy import Connection, Engine, Table, text
 
+from ._tables import SCHEDULE_TICKS, UNIQUE_KEYS
 from .errors import SchemaError, UnsupportedSchemaError
 from .model import SCHEMA_VERSION, TABLE_NAME
 
@@ -70,7 +71,7 @@ VERSION_TABLE = "sqlalchemy_que_version"
 _SEQUENCE_NAME = "que_jobs_job_id_seq"
 
 # What an application's autogenerate must neither drop nor create.
-_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE})
+_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE, UNIQUE_KEYS, SCHEDULE_TICKS})
 
 # Serialises concurrent standalone migrations (two workers starting at once). The two-int form
 # keeps it out of the one-bigint key space that job locks use.
@@ -254,7 +255,7 @@ def include_object(
 ) -> bool:
     """An ``include_object`` filter for an application's Alembic autogenerate: False for
     sqlalchemy-que's tables (``que_jobs``, ``sqlalchemy_que_version``) and everything on them,
-    True for the rest.
+    True for the rest (unique keys and schedule ticks are ours too).
 
     With it, autogenerate neither drops our tables (they are not in the application's
     metadata) nor creates them (when ``sqlalchemy_que.metadata`` is in ``target_metadata``):

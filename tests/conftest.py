@@ -108,15 +108,17 @@ def _library_threads() -> list[str]:
     return [
         thread.name
         for thread in threading.enumerate()
-        if thread.name.startswith(("que-worker-", "que-listener-"))
+        if thread.name.startswith(("que-worker-", "que-listener-", "que-scheduler"))
     ]
 
 
 @pytest.fixture(autouse=True)
 def _no_worker_threads_left() -> Iterator[None]:
-    """Every test stops the workers and listeners it starts."""
+    """Every test stops the workers, listeners and schedulers it starts."""
     yield
-    wait_for(lambda: not _library_threads(), message="worker and listener threads to end")
+    wait_for(
+        lambda: not _library_threads(), message="worker, listener and scheduler threads to end"
+    )
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sqlalchemy_que import insert_job
 def add_job(engine: Engine, job_class: str = "Job", *args: Any, **options: Any) -> int:
     """Insert and commit one job; return its job_id."""
     with engine.begin() as connection:
-        return insert_job(connection, job_class, *args, **options)
+        return int(insert_job(connection, job_class, *args, **options))
 
 
 def job_rows(engine: Engine) -> list[dict[str, Any]]:

@@ -50,10 +50,12 @@ json_values = st.recursive(
 argument_lists = st.lists(json_values, max_size=5)
 
 #: Any text PostgreSQL's ``text`` can hold (surrogates are excluded by default).
-stored_text = st.text(alphabet=st.characters(exclude_characters="\x00"))
+stored_text = st.text(alphabet=st.characters(exclude_characters="\x00", exclude_categories=("Cs",)))
 
 #: Any text accepted as a job_class or queue: at most 500 characters.
-name_text = st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=500)
+name_text = st.text(
+    alphabet=st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), max_size=500
+)
 
 #: Text that cannot be encoded as UTF-8: it holds a lone surrogate.
 broken_text = st.builds(
