@@ -50,6 +50,11 @@ Key                      Default    Meaning
                                     :class:`~sqlalchemy_que.JobRegistry`, a mapping of
                                     job_class to handler, or an import path
                                     ``"package.module:name"`` naming one
+``QUE_SYNCHRONOUS``      ``False``  for development and tests: run the jobs enqueued
+                                    in ``db.session`` right after its commit, in this
+                                    process; ``"raise"`` (or ``True``) raises a job's error
+                                    from ``commit()``, ``"log"`` only logs it (see
+                                    :func:`sqlalchemy_que.testing.run_synchronously`)
 =======================  =========  ======================================================
 
 Numbers may be given as strings (as environment variables loaded into the config are). A
@@ -79,6 +84,7 @@ from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
 from ._pool import WorkerPool
+from ._sync import OnError, SynchronousMode
 from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
 from .errors import QueError, WorkerError
 from .jobs import JobContext, JobRegistry
@@ -165,12 +171,38 @@ class Que:
             ),
             listen=_config_flag("QUE_LISTEN", config.get("QUE_LISTEN", True)),
         )
+        synchronous = _config_synchronous(config.get("QUE_SYNCHRONOUS", False))
+        if synchronous is not None:
+            self._run_synchronously(app, db, self._states[app].handlers, synchronous)
         app.extensions[EXTENSION_KEY] = self
         app.cli.add_command(que_cli)
         if not _exclude_our_tables_from_flask_migrate(app):
             # Flask-Migrate may be registered after us: wire it in when a context is pushed
             # (every `flask db` command pushes one before Alembic reads the arguments).
             appcontext_pushed.connect(_on_appcontext_pushed, app, weak=False)
+
+    def _run_synchronously(
+        self, app: Flask, db: SQLAlchemy, handlers: JobRegistry | None, errors: OnError
+    ) -> None:
+        if handlers is None:
+            raise WorkerError("QUE_SYNCHRONOUS needs handlers: pass Que(handlers=...)")
+        app_ref = weakref.ref(app)
+
+        def of_this_app(session: Any) -> bool:
+            # db.session's Session class is shared by every app of this db.
+            return (
+                getattr(session, "_db", None) is db
+                and has_app_context()
+                and current_app._get_current_object() is app_ref()  # type: ignore[attr-defined]
+            )
+
+        SynchronousMode(
+            db.session,
+            handlers,
+            errors=errors,
+            wrap=lambda handler: _in_app_context(cast(Flask, app_ref()), db, handler),
+            accept=of_this_app,
+        )
 
     def _config_handlers(self, value: object) -> JobRegistry | None:
         if value is None:
@@ -333,6 +365,18 @@ def _config_flag(key: str, value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
         return False
     raise WorkerError(f"{key} must be true or false, got {value!r}")
+
+
+def _config_synchronous(value: object) -> OnError | None:
+    if value in ("raise", "log"):
+        return value
+    try:
+        on = _config_flag("QUE_SYNCHRONOUS", value)
+    except WorkerError:
+        raise WorkerError(
+            f"QUE_SYNCHRONOUS must be false, true, 'raise' or 'log', got {value!r}"
+        ) from None
+    return "raise" if on else None
 
 
 def _config_workers(value: object) -> int:
