@@ -228,22 +228,25 @@ def retry_delay(definition: JobDefinition[Any] | None, error_count: int) -> floa
 @contextlib.contextmanager
 def _refusing_commit(connection: Connection) -> Iterator[None]:
     """While a handler runs on the caller's connection, its ``commit()`` and ``rollback()``
-    would end the caller's (the test's) transaction: refuse them, as a worker does."""
-    from sqlalchemy import event
+    would end the caller's (the test's) transaction: refuse them, as a worker does. They
+    are refused before SQLAlchemy changes any state (an event listener would run too late:
+    the transaction would be left to roll back), by shadowing the two methods on this
+    Connection for the duration of the handler."""
 
-    def refuse(conn: Connection) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
         raise QueError(
             "a job's handler may not commit or roll back its connection: the job's writes "
-            "and its completion are committed together after it returns"
+            "and its completion are kept together when it returns (use job.session, whose "
+            "commit() and rollback() work on a savepoint, or raise to fail the job)"
         )
 
-    event.listen(connection, "commit", refuse)
-    event.listen(connection, "rollback", refuse)
+    setattr(connection, "commit", refuse)  # noqa: B010
+    setattr(connection, "rollback", refuse)  # noqa: B010
     try:
         yield
     finally:
-        event.remove(connection, "commit", refuse)
-        event.remove(connection, "rollback", refuse)
+        del connection.commit
+        del connection.rollback
 
 
 def run_locked_job(
@@ -536,17 +539,23 @@ def call_handler(
     definition: JobDefinition[Any],
     *args: Any,
     connection: DatabaseBind | None = None,
-    **fields: Any,
+    context: JobContext | None = None,
+    **kwargs: Any,
 ) -> object:
-    """Call ``definition``'s handler with a :func:`job_context` and ``args``, as a worker
-    would, minus the queue: what the handler did through ``job.session`` is flushed into
-    ``connection``'s transaction when it returns (nothing is committed). Returns what the
-    handler returned.
+    """Call ``definition``'s handler as a worker would, minus the queue: with a
+    :func:`job_context` (or ``context``) and the arguments bound to the handler's
+    signature (keywords too). What the handler did through ``job.session`` is flushed into
+    ``connection``'s transaction when it returns, and dropped when it raises; nothing is
+    committed. Returns what the handler returned.
 
-    :param fields: more fields for :func:`job_context` (``job_id``, ``error_count``...).
+    :param connection: the Connection (or Session) for ``job.connection`` and
+        ``job.session``; ignored when ``context`` is given.
+    :param context: the JobContext to pass, made with :func:`job_context` for other fields
+        (``error_count``, ``job_id``...).
     """
-    positional = definition.positional(*args)
-    context = job_context(definition, positional, connection=connection, **fields)
+    positional = definition.positional(*args, **kwargs)
+    if context is None:
+        context = job_context(definition, positional, connection=connection)
     try:
         result = definition.handler(context, *positional)
     except BaseException:

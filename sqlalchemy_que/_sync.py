@@ -114,7 +114,7 @@ class SynchronousMode:
             session.info.pop(_CONNECTION_KEY, None)
 
     def _after_commit(self, session: Session) -> None:
-        if session.in_transaction() or not self._accepts(session):
+        if session.in_nested_transaction() or not self._accepts(session):
             return  # a savepoint's release: the transaction has not committed yet
         ids: list[int] = session.info.pop(ENQUEUED_KEY, [])
         connection: Connection | None = session.info.pop(_CONNECTION_KEY, None)

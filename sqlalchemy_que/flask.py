@@ -196,13 +196,16 @@ class Que:
                 and current_app._get_current_object() is app_ref()  # type: ignore[attr-defined]
             )
 
-        SynchronousMode(
+        mode = SynchronousMode(
             db.session,
             handlers,
             errors=errors,
             wrap=lambda handler: _in_app_context(cast(Flask, app_ref()), db, handler),
             accept=of_this_app,
         )
+        # Its listeners sit on db.session's Session class, which outlives the app (a test
+        # suite makes many): they go with the app.
+        weakref.finalize(app, mode.stop)
 
     def _config_handlers(self, value: object) -> JobRegistry | None:
         if value is None:
