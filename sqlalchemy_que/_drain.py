@@ -375,6 +375,30 @@ def drain(
         rolled back and its error recorded; with False, keep draining and report failures.
     :raises QueError: for a bad argument, naming it, before any job runs.
     """
+    return drain_wrapped(
+        bind,
+        handlers,
+        queue=queue,
+        queues=queues,
+        max_jobs=max_jobs,
+        now=now,
+        raise_errors=raise_errors,
+    )
+
+
+def drain_wrapped(
+    bind: DatabaseBind,
+    handlers: Handlers,
+    *,
+    queue: str | None = None,
+    queues: Sequence[str] | None = None,
+    max_jobs: int = DEFAULT_MAX_JOBS,
+    now: datetime.datetime | datetime.timedelta | None = None,
+    raise_errors: bool = True,
+    wrap: Any = None,
+) -> DrainReport:
+    """:func:`drain`, with each handler wrapped by ``wrap`` (the Flask extension runs them
+    in an application context)."""
     registry = registry_of(handlers)
     chosen = _check_queues(queue, queues)
     at, ahead = _check_now(now)
@@ -396,7 +420,7 @@ def drain(
         if not try_lock(connection, job.job_id):
             continue  # a worker elsewhere is running it
         try:
-            failure = run_locked_job(connection, registry, job, now=at, ahead=ahead)
+            failure = run_locked_job(connection, registry, job, now=at, ahead=ahead, wrap=wrap)
         finally:
             unlock(connection, job.job_id)
         if failure is None:

@@ -83,6 +83,7 @@ from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
+from ._drain import DatabaseBind, DrainReport, drain_wrapped
 from ._pool import WorkerPool
 from ._sync import OnError, SynchronousMode
 from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
@@ -295,6 +296,34 @@ class Que:
             wake_interval=state.wake_interval if wake_interval is None else wake_interval,
             on_error=on_error,
             listen=state.listen if listen is None else listen,
+        )
+
+    def drain(
+        self, bind: DatabaseBind | None = None, *, app: Flask | None = None, **options: Any
+    ) -> DrainReport:
+        """For tests: :func:`sqlalchemy_que.testing.drain` with the app's handlers, each run
+        in an application context where ``db.session`` is the job's own Session (as in a
+        worker), on ``bind``'s connection and transaction, which is never committed.
+
+        :param bind: a Connection or Session; default ``db.session`` (in an app context).
+        :param app: default: the current app, else the app given to :class:`Que`.
+        :param options: ``queue``, ``queues``, ``max_jobs``, ``now``, ``raise_errors``.
+        :raises WorkerError: when no handlers were given.
+        """
+        app = self._app(app)
+        state = self._state(app)
+        if state.handlers is None:
+            raise WorkerError("no job handlers: pass Que(handlers=...) or set QUE_HANDLERS")
+        if bind is None:
+            if not has_app_context():
+                raise QueError("que.drain() without bind= needs an application context")
+            bind = state.db.session
+        db = state.db
+        return drain_wrapped(
+            bind,
+            state.handlers,
+            wrap=lambda handler: _in_app_context(app, db, handler),
+            **options,
         )
 
     def __repr__(self) -> str:

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from docs.examples.flask_app import User, create_app, db, send_welcome_email
+from docs.examples.flask_app import User, create_app, db, que, send_welcome_email
 from sqlalchemy_que import JobContext, JobRegistry, QueError, WorkerError, enqueue, insert_job
 from sqlalchemy_que.testing import enqueued, run_synchronously
 
@@ -243,3 +243,28 @@ def test_flask_synchronous_mode_only_for_its_own_app(
 def test_flask_refuses_a_bad_setting(database_url: str, value: object) -> None:
     with pytest.raises(WorkerError, match=f"QUE_SYNCHRONOUS must be .*got {value!r}"):
         create_app(database_url, config={"QUE_SYNCHRONOUS": value})
+
+
+def test_flask_que_drain_runs_the_handlers_in_the_tests_transaction(
+    database_url: str, engine: Engine, sent: list[tuple[str, str]]
+) -> None:
+    app = create_app(database_url, send_mail=lambda to, subject: sent.append((to, subject)))
+    with app.app_context():
+        db.drop_all()
+        db.create_all()
+    try:
+        user_id = app.test_client().post("/signup", json={"email": "eve@x.org"}).json["id"]  # type: ignore[index]
+        with app.app_context():
+            report = que.drain()
+            assert report.worked == 1
+            user = db.session.get(User, user_id)
+            assert user is not None and user.welcomed  # written through the job's db.session
+            assert sent == [("eve@x.org", "Welcome!")]
+            db.session.rollback()  # nothing of the drain was committed
+        assert [row["job_class"] for row in job_rows(engine)] == ["SendWelcomeEmail"]
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT welcomed FROM users")).scalar_one() is False
+    finally:
+        with app.app_context():
+            db.drop_all()
+            db.engine.dispose()
