@@ -321,6 +321,14 @@ def run_locked_job(
             extra={"job_id": job.job_id, "job_class": job.job_class, "queue": job.queue},
         )
         return FailedJob(job=job, error=error, last_error=last_error)
+    except BaseException:
+        # KeyboardInterrupt, SystemExit...: as in a worker, the job is left as it was.
+        with contextlib.suppress(Exception):
+            context._finish_session(keep=False)
+        with contextlib.suppress(Exception):
+            if savepoint.is_active:
+                savepoint.rollback()
+        raise
 
 
 def try_lock(connection: Connection, job_id: int) -> bool:

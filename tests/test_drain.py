@@ -288,3 +288,21 @@ def test_call_handler_binds_arguments_and_keeps_session_writes(test_tx: Connecti
 
     assert call_handler(via_session, "hi", suffix="?", connection=test_tx) == "mail/3"
     assert notes(test_tx) == ["hi?"]
+
+
+def test_an_interrupted_job_is_left_as_it_was_and_unlocked(test_tx: Connection) -> None:
+    @JobRegistry().job("Interrupted")
+    def interrupted(job: JobContext) -> None:
+        record(job, "half-way")
+        raise KeyboardInterrupt
+
+    insert_job(test_tx, "Interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        drain(test_tx, [interrupted])
+    assert notes(test_tx) == []
+    (job,) = enqueued(test_tx)
+    assert job.error_count == 0
+    held = test_tx.execute(
+        text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+    ).scalar_one()
+    assert held == 0
