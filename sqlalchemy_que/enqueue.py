@@ -255,6 +255,8 @@ def insert_job(
         values["channel"], values["payload"] = wakeup
     row = bind.execute(_insert_statement(columns, notify=wakeup is not None), values).first()
     assert row is not None  # INSERT ... RETURNING one row
+    if isinstance(bind, Session | scoped_session) and ENQUEUED_KEY in bind.info:
+        bind.info[ENQUEUED_KEY].append(int(row[0]))  # for the synchronous mode
     return int(row[0])
 
 
@@ -270,6 +272,11 @@ def _insert_unique(
     parameters["payload"] = _payload(queue, None if due is None else due.timestamp())
     row = bind.execute(unique_insert_statement(form, notify=True), parameters).first()
     return None if row is None else int(row[0])
+
+
+#: Where a Session in the synchronous mode (sqlalchemy_que.testing.run_synchronously) lists
+#: the ids of the jobs its transaction enqueued.
+ENQUEUED_KEY = "sqlalchemy_que.enqueued"
 
 
 _UTC = datetime.timezone.utc

