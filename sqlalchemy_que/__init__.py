@@ -16,8 +16,14 @@ from __future__ import annotations
 from ._pool import WorkerPool
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
+    FailJob,
     InvalidJobError,
+    JobCancelledError,
+    JobCrashedError,
+    JobLockedError,
+    JobTimeoutError,
     QueError,
+    RetryJob,
     SchemaError,
     UnknownJobClassError,
     UnsupportedSchemaError,
@@ -25,21 +31,28 @@ from .errors import (
 )
 from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
 from .locking import JobLock, LockedJob, locked_job
-from .model import QueJob, metadata
+from .model import FailedJob, QueJob, metadata
 from .schema import check_schema, migrate, migrations_path, schema_version, version_location
 from .stats import JobStats, WorkerState, clear, job_stats, worker_states
 from .worker import Worker, format_last_error
 
 __all__ = [
+    "FailJob",
+    "FailedJob",
     "InvalidJobError",
+    "JobCancelledError",
+    "JobCrashedError",
     "JobContext",
     "JobDefinition",
     "JobLock",
+    "JobLockedError",
     "JobRegistry",
     "JobStats",
+    "JobTimeoutError",
     "LockedJob",
     "QueError",
     "QueJob",
+    "RetryJob",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",

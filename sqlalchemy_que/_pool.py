@@ -35,6 +35,7 @@ from .listener import Listener
 from .schema import check_schema
 from .worker import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_HOLD,
     Completion,
     ErrorReporter,
@@ -114,7 +115,10 @@ class WorkerPool:
         enqueue sends, so that jobs start within milliseconds of their commit instead of at
         the next poll (see :mod:`sqlalchemy_que.listener`). Turn it off where ``LISTEN``
         does not work, such as behind a transaction-pooling proxy; polling every
-        ``wake_interval`` still finds every job.
+        ``wake_interval`` still finds every job. The listener also delivers cancel
+        requests to running jobs: without it (and in burst mode) they never arrive.
+    :param max_attempts: runs a job gets in all, unless its definition says; default 16.
+    :param timeout: seconds a job may run, unless its definition says; default None.
     Other parameters as for :class:`~sqlalchemy_que.Worker`.
     """
 
@@ -133,6 +137,8 @@ class WorkerPool:
         on_error: ErrorReporter | None = None,
         check_schema: bool = True,
         listen: bool = True,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry_of(handlers)
@@ -151,11 +157,25 @@ class WorkerPool:
                 on_error=on_error,
                 name=f"que-worker-{index}",
                 on_locked=self._wake_idle,
+                max_attempts=max_attempts,
+                timeout=timeout,
             )
             for index, worker_queues in enumerate(assignments)
         ]
         self._threads: list[threading.Thread] = []
-        self.listener = Listener(engine, self.queues, self._wake_for) if listen else None
+        self.listener = (
+            Listener(engine, self.queues, self._wake_for, self._cancel) if listen else None
+        )
+
+    @property
+    def failed(self) -> int:
+        """How many job runs failed (retried or failed for good) in this pool's workers."""
+        return sum(worker.failed for worker in self.workers)
+
+    def _cancel(self, job_id: int) -> None:
+        for worker in self.workers:
+            if worker.cancel(job_id):
+                return
 
     @property
     def queue(self) -> str:

@@ -149,10 +149,21 @@ class LockedSession:
     unlock of that worker goes through it. Not thread-safe: one worker thread uses it.
 
     :param engine: where the connection comes from (psycopg 3 driver).
+    :param mark: write a crash mark (``que_job_runs``) for each job the re-check confirms,
+        in the re-check's own statement, and delete it with the job's outcome; what a
+        worker does. :attr:`crashed` then names the jobs whose earlier run left a mark.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, mark: bool = False) -> None:
         self.engine = engine
+        self.mark = mark
+        #: Jobs of the last :meth:`lock` whose earlier run ended without an outcome: job_id
+        #: to a description of that run (when it started, on which backend).
+        self.crashed: dict[int, str] = {}
+        self._recheck = _sql.RECHECK_AND_MARK_JOBS if mark else _sql.RECHECK_JOBS
+        self._delete_job = _sql.COMPLETE_JOB if mark else _sql.DELETE_JOB
+        self._delete_jobs = _sql.COMPLETE_JOBS if mark else _sql.DELETE_JOBS
+        self._record_error = _sql.RECORD_RETRY if mark else _sql.RECORD_ERROR
         self.connection: Connection | None = None
         self._raw: psycopg.Connection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
@@ -420,8 +431,17 @@ class LockedSession:
                 return []
             for job in jobs:
                 self._held[job.job_id] = job
-            found = self._execute(_sql.RECHECK_JOBS, _keys_params(queue, jobs))
+            found = self._execute(self._recheck, _keys_params(queue, jobs))
             present = {int(found.get_value(row, 0) or 0) for row in range(found.ntuples)}
+            if self.mark:
+                self.crashed = {
+                    int(found.get_value(row, 0) or 0): (
+                        f"started at {(found.get_value(row, 1) or b'').decode()} by backend "
+                        f"pid {(found.get_value(row, 2) or b'').decode()}"
+                    )
+                    for row in range(found.ntuples)
+                    if found.get_value(row, 1) is not None
+                }
             vanished = [job for job in jobs if job.job_id not in present]
             if vanished:
                 logger.debug(
@@ -439,7 +459,16 @@ class LockedSession:
         """Unlock jobs that were locked but not started (left exactly as they are)."""
         if not jobs:
             return
-        result = self._execute(_sql.UNLOCK_JOBS, [_array(job.job_id for job in jobs)])
+        ids = [_array(job.job_id for job in jobs)]
+        if self.mark:
+            # The marks go first (committed: autocommit), then the locks.
+            unmarked, unlocked = self._pipeline(
+                [(_sql.UNMARK_JOBS, ids), (_sql.UNLOCK_JOBS, ids)], "releasing jobs"
+            )
+            self._check(unmarked, "releasing jobs")
+            result = self._check(unlocked, "releasing jobs")
+        else:
+            result = self._execute(_sql.UNLOCK_JOBS, ids)
         for job in jobs:
             self._held.pop(job.job_id, None)
         if any(result.get_value(row, 0) != b"t" for row in range(result.ntuples)):
@@ -514,12 +543,12 @@ class LockedSession:
         steps: list[tuple[Statement | bytes, Sequence[bytes | None]]] = []
         if not had_transaction:
             steps.append((self._begin, ()))
-            steps.append((_sql.DELETE_JOB, job._key_params()))
+            steps.append((self._delete_job, job._key_params()))
         else:
             # The handler's own statements may have made psycopg deallocate prepared
             # statements (it does on ROLLBACK): the one statement that must not fail for
             # that reason inside the handler's transaction is sent unnamed.
-            steps.append((_sql.DELETE_JOB.sql, job._key_params()))
+            steps.append((self._delete_job.sql, job._key_params()))
         steps.append((_sql.COMMIT, ()))
         steps.append((_sql.UNLOCK_JOB, [str(job.job_id).encode()]))
         if had_transaction:
@@ -540,7 +569,7 @@ class LockedSession:
         results = self._finish(
             [
                 (self._begin, ()),
-                (_sql.DELETE_JOBS, _keys_params(queue, jobs)),
+                (self._delete_jobs, _keys_params(queue, jobs)),
                 (_sql.COMMIT, ()),
                 (_sql.UNLOCK_JOBS, [_array(job.job_id for job in jobs)]),
             ],
@@ -563,7 +592,7 @@ class LockedSession:
         results = self._finish(
             [
                 (self._begin, ()),
-                (_sql.RECORD_ERROR.sql, params),
+                (self._record_error.sql, params),
                 (_sql.COMMIT, ()),
                 (_sql.UNLOCK_JOB, [str(job.job_id).encode()]),
             ],
@@ -573,6 +602,30 @@ class LockedSession:
         updated = results[1]
         assert updated is not None
         return (updated.command_tuples or 0) > 0
+
+    def fail(self, job: LockedJob, *, last_error: str, reason: str) -> bool:
+        """Roll back the job's transaction (if open), then in one round trip move the job
+        from ``que_jobs`` to ``que_failed_jobs`` (one more error, ``last_error``, ``reason``),
+        delete its crash mark, commit, and unlock it.
+
+        :returns: True when the row was there to move.
+        :raises StatementFailedError: the server refused the move (the job stays locked).
+        """
+        self._rollback()
+        params = [*job._key_params(), last_error.encode(), reason.encode()]
+        results = self._finish(
+            [
+                (self._begin, ()),
+                (_sql.MOVE_TO_FAILED.sql, params),
+                (_sql.COMMIT, ()),
+                (_sql.UNLOCK_JOB, [str(job.job_id).encode()]),
+            ],
+            "failing a job",
+        )
+        self._unlocked(results[3], [job])
+        moved = results[1]
+        assert moved is not None
+        return (moved.command_tuples or 0) > 0
 
     def abandon(self, job: LockedJob) -> None:
         """Roll back the job's transaction and unlock the job, its row untouched."""

@@ -28,6 +28,8 @@ import datetime
 import functools
 import inspect
 import math
+import threading
+import time
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -81,20 +83,32 @@ class JobContext:
     :attr:`connection` itself are refused while the job runs: they would end the job's
     transaction half-way.
 
+    Attempts, time and cancelling: :attr:`attempt` is this run's number (``error_count + 1``),
+    :attr:`attempts_remaining` how many runs are left after this one; :attr:`deadline` and
+    :meth:`time_left` say how long the job may still run under its ``timeout``; and
+    :attr:`cancel_requested` turns true when someone asks to cancel the job (see
+    :func:`sqlalchemy_que.admin.cancel`).
+
     :param connection: the Connection to hand out (a unit test may pass one of its own), or
         None with ``open_connection`` to open it on first use.
     :param open_connection: called once, on the first use of :attr:`connection`.
+    :param max_attempts: the job's attempts in all; default None (no limit, as Que 0.x).
+    :param timeout: seconds the job may run from now; default None (no limit).
     """
 
     __slots__ = (
+        "_cancel",
         "_connection",
+        "_deadline",
         "_open_connection",
         "_session",
         "args",
+        "deadline",
         "error_count",
         "job_class",
         "job_id",
         "last_error",
+        "max_attempts",
         "priority",
         "queue",
         "run_at",
@@ -113,6 +127,8 @@ class JobContext:
         args: list[Any],
         connection: Connection | None = None,
         open_connection: Callable[[], Connection] | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.job_id = job_id
         self.job_class = job_class
@@ -125,6 +141,45 @@ class JobContext:
         self._connection = connection
         self._open_connection = open_connection
         self._session: Session | None = None
+        self.max_attempts = max_attempts
+        #: When the job's timeout runs out (UTC), or None without a timeout.
+        self.deadline: datetime.datetime | None = None
+        self._deadline: float | None = None  # the same, on the monotonic clock
+        if timeout is not None:
+            self._deadline = time.monotonic() + timeout
+            self.deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+                seconds=timeout
+            )
+        self._cancel = threading.Event()
+
+    @property
+    def attempt(self) -> int:
+        """This run's number: 1 for the first run, ``error_count + 1`` after failures."""
+        return self.error_count + 1
+
+    @property
+    def attempts_remaining(self) -> int | None:
+        """How many more runs the job gets if this one fails (0: this is its last attempt),
+        or None when it has no limit."""
+        if self.max_attempts is None:
+            return None
+        return max(0, self.max_attempts - self.attempt)
+
+    def time_left(self) -> float | None:
+        """Seconds until :attr:`deadline` (negative once it has passed), or None without a
+        timeout."""
+        if self._deadline is None:
+            return None
+        return self._deadline - time.monotonic()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once a cancel was requested for this job: return (or raise) soon; the worker
+        then fails the job as cancelled, rolling back its transaction."""
+        return self._cancel.is_set()
+
+    def _request_cancel(self) -> None:
+        self._cancel.set()
 
     @property
     def connection(self) -> Connection:
@@ -187,6 +242,8 @@ class JobDefinition(JobDefaults, Generic[P]):
     retry_delay: RetryDelay | None = None
     run_at: datetime.datetime | None = None
     run_in: datetime.timedelta | float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -211,6 +268,10 @@ class JobDefinition(JobDefaults, Generic[P]):
             raise InvalidJobError(
                 f"retry_delay must be seconds >= 0 or a function of the error count, got {delay!r}"
             )
+        if self.max_attempts is not None:
+            check_max_attempts(self.max_attempts)
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", check_timeout(self.timeout))
         _check_handler(self.handler, self.name)
         _positional_parameters(self.handler, self.name)
 
@@ -280,6 +341,26 @@ class JobDefinition(JobDefaults, Generic[P]):
         if callable(delay):
             return float(delay(error_count))
         return float(delay)
+
+
+def check_max_attempts(value: object) -> int:
+    """:raises InvalidJobError: unless ``value`` is a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidJobError(f"max_attempts must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def check_timeout(value: object) -> float:
+    """:raises InvalidJobError: unless ``value`` is a positive number of seconds (or a
+    ``timedelta``)."""
+    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds < math.inf
+    ):
+        raise InvalidJobError(f"timeout must be a positive number of seconds, got {value!r}")
+    return float(seconds)
 
 
 def _check_handler(handler: Handler, name: str) -> None:
@@ -404,6 +485,8 @@ def job(
     queue: str | None = None,
     priority: int | None = None,
     retry_delay: RetryDelay | None = None,
+    max_attempts: int | None = None,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
     """Declare a job: decorate its handler to get a :class:`JobDefinition`.
 
@@ -413,6 +496,11 @@ def job(
     :param priority: the default priority when enqueueing; default 100.
     :param retry_delay: seconds to wait before a retry, constant or a function of the new error
         count; default :func:`default_retry_delay` (``count ** 4 + 3``).
+    :param max_attempts: runs in all before the job is failed for good (moved to
+        ``que_failed_jobs``); default None: the worker's ``max_attempts`` (16).
+    :param timeout: seconds a run may take (a number or a ``timedelta``): its transaction
+        gets that ``statement_timeout``, and a run that overruns is failed as a timeout;
+        default None: the worker's ``timeout`` (none).
     :raises InvalidJobError: when decorating a handler the worker cannot run: an ``async def``
         (async handlers are not supported yet), an async generator or generator function,
         one with keyword-only parameters, or one whose first positional parameter cannot
@@ -421,7 +509,13 @@ def job(
 
     def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
         return JobDefinition(
-            name=name, handler=handler, queue=queue, priority=priority, retry_delay=retry_delay
+            name=name,
+            handler=handler,
+            queue=queue,
+            priority=priority,
+            retry_delay=retry_delay,
+            max_attempts=max_attempts,
+            timeout=timeout,  # type: ignore[arg-type]  # a timedelta is kept as seconds
         )
 
     return decorate
@@ -465,11 +559,20 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
         queue: str | None = None,
         priority: int | None = None,
         retry_delay: RetryDelay | None = None,
+        max_attempts: int | None = None,
+        timeout: float | datetime.timedelta | None = None,
     ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
         """Like :func:`job`, and register the definition here."""
 
         def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
-            definition = job(name, queue=queue, priority=priority, retry_delay=retry_delay)(handler)
+            definition = job(
+                name,
+                queue=queue,
+                priority=priority,
+                retry_delay=retry_delay,
+                max_attempts=max_attempts,
+                timeout=timeout,
+            )(handler)
             self.add(definition)
             return definition
 

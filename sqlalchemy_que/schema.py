@@ -44,7 +44,7 @@ from alembic.util import coerce_resource_to_filename
 from sqlalchemy import Connection, Engine, Table, text
 
 from .errors import SchemaError, UnsupportedSchemaError
-from .model import SCHEMA_VERSION, TABLE_NAME
+from .model import FAILED_TABLE_NAME, RUNS_TABLE_NAME, SCHEMA_VERSION, TABLE_NAME
 
 if TYPE_CHECKING:
     from alembic.operations.ops import MigrationScript
@@ -70,7 +70,7 @@ VERSION_TABLE = "sqlalchemy_que_version"
 _SEQUENCE_NAME = "que_jobs_job_id_seq"
 
 # What an application's autogenerate must neither drop nor create.
-_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE})
+_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE, FAILED_TABLE_NAME, RUNS_TABLE_NAME})
 
 # Serialises concurrent standalone migrations (two workers starting at once). The two-int form
 # keeps it out of the one-bigint key space that job locks use.
@@ -253,8 +253,8 @@ def include_object(
     compare_to: SchemaItem | None,
 ) -> bool:
     """An ``include_object`` filter for an application's Alembic autogenerate: False for
-    sqlalchemy-que's tables (``que_jobs``, ``sqlalchemy_que_version``) and everything on them,
-    True for the rest.
+    sqlalchemy-que's tables (``que_jobs``, ``que_failed_jobs``, ``que_job_runs``,
+    ``sqlalchemy_que_version``) and everything on them, True for the rest.
 
     With it, autogenerate neither drops our tables (they are not in the application's
     metadata) nor creates them (when ``sqlalchemy_que.metadata`` is in ``target_metadata``):
