@@ -177,6 +177,11 @@ PREPARED = (LOCK_JOBS, RECHECK_JOBS, UNLOCK_JOBS, UNLOCK_JOB, DELETE_JOB, DELETE
 #: returns each confirmed job's id with the mark found there before (its start time and
 #: backend pid), which is not null when an earlier run of the job ended without an outcome.
 #: The CTEs share one snapshot, so ``earlier`` reads the marks as they were before the insert.
+#: Its commit does not wait for the WAL flush (``synchronous_commit`` off for this one
+#: transaction): the marks are visible to every session at once and outlive the worker's
+#: process, which is what they are for; only a crash of the server itself within the WAL
+#: writer's delay could lose them, and the job's next commit flushes them anyway. That keeps
+#: the marks from doubling the flushes of a batch completed in one transaction.
 RECHECK_AND_MARK_JOBS = _statement(
     "recheck_and_mark_jobs",
     """
@@ -195,6 +200,7 @@ WITH present AS (
 )
 SELECT p.job_id, e.started_at::text, e.pid
 FROM present AS p LEFT JOIN earlier AS e ON e.job_id = p.job_id
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async
 """,
 )
 
