@@ -461,9 +461,12 @@ class LockedSession:
             return
         ids = [_array(job.job_id for job in jobs)]
         if self.mark:
-            # The marks go first (committed: autocommit), then the locks.
+            # The marks go first (committed: autocommit), then the locks. A job found with
+            # an earlier run's mark keeps it: that crash is still to be counted by whoever
+            # takes the job next.
+            unmark = [_array(j.job_id for j in jobs if self.crashed.pop(j.job_id, None) is None)]
             unmarked, unlocked = self._pipeline(
-                [(_sql.UNMARK_JOBS, ids), (_sql.UNLOCK_JOBS, ids)], "releasing jobs"
+                [(_sql.UNMARK_JOBS, unmark), (_sql.UNLOCK_JOBS, ids)], "releasing jobs"
             )
             self._check(unmarked, "releasing jobs")
             result = self._check(unlocked, "releasing jobs")
