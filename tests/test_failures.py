@@ -493,3 +493,33 @@ def test_a_retried_failed_job_goes_back_to_que_jobs_as_a_row_ruby_works(engine: 
         ).scalar_one()
         connection.commit()
     assert job_rows(engine) == []
+
+
+def test_a_job_released_unstarted_keeps_the_mark_of_an_earlier_crash(engine: Engine) -> None:
+    ran: list[str] = []
+
+    def first(job: JobContext) -> None:
+        ran.append("First")
+        worker.stop()  # the second job of the batch is released without being started
+
+    def second(job: JobContext) -> None:
+        ran.append("Second")
+
+    add_job(engine, "First", priority=1)
+    crashed = add_job(engine, "Second", priority=2)
+    with engine.begin() as connection:  # a run of it whose process died
+        connection.execute(
+            text("INSERT INTO que_job_runs (job_id, pid) VALUES (:id, 0)"), {"id": crashed}
+        )
+    handlers = {"First": first, "Second": second}
+    worker = Worker(engine, handlers, batch_size=2)
+    worker._ramp = 2
+    worker.run()
+    assert ran == ["First"]
+    assert marks(engine) == [crashed]  # still to be counted
+    assert Worker(engine, handlers).work_one()
+    assert ran == ["First"]  # counted as a crash, not run
+    [row] = job_rows(engine)
+    assert row["error_count"] == 1
+    assert row["last_error"].startswith(f"sqlalchemy_que.JobCrashedError: job {crashed} Second")
+    assert marks(engine) == []
