@@ -15,7 +15,8 @@ conventions::
 The model lives on the library's own :data:`metadata`. An application with its own declarative
 ``Base`` and Alembic passes :func:`sqlalchemy_que.schema.include_object` to
 ``context.configure(include_object=...)``, so that autogenerate neither drops nor re-creates
-the library's tables (``que_jobs`` and its version table); see ``docs/alembic.md``.
+the library's tables (``que_jobs``, our own ``que_failed_jobs`` and ``que_job_runs``, and the
+version table); see ``docs/alembic.md``.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def test_model_declares_the_contract_table() -> None:
     table = QueJob.__table__
     assert isinstance(table, Table)
     assert table.metadata is sqlalchemy_que.metadata
-    assert list(sqlalchemy_que.metadata.tables) == ["que_jobs"]
+    assert list(sqlalchemy_que.metadata.tables) == ["que_jobs", "que_failed_jobs", "que_job_runs"]
     assert [column.name for column in table.columns] == [name for _, name, *_ in EXPECTED_COLUMNS]
     assert table.primary_key.name == "que_jobs_pkey"
     assert [column.name for column in table.primary_key.columns] == [
@@ -343,8 +343,11 @@ def test_an_applications_autogenerate_keeps_que_jobs(migrated: Engine) -> None:
         app_only = autogenerate_diffs(connection, _AppBase.metadata)
     # With both metadatas, only the application's missing table is proposed.
     assert [(diff[0], diff[1].name) for diff in both] == [("add_table", "app_users")]
-    # Without ours, autogenerate would drop que_jobs: listing both is what prevents it.
+    # Without ours, autogenerate would drop our tables: listing both is what prevents it.
     assert sorted((diff[0], diff[1].name) for diff in app_only) == [
         ("add_table", "app_users"),
+        ("remove_index", "que_failed_jobs_failed_at"),
+        ("remove_table", "que_failed_jobs"),
+        ("remove_table", "que_job_runs"),
         ("remove_table", "que_jobs"),
     ]
