@@ -28,7 +28,13 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
     (
         "sqlalchemy_que.worker",
         "Workers (sqlalchemy_que.worker)",
-        ["Completion", "DEFAULT_BATCH_SIZE", "DEFAULT_BATCHED_COMPLETION_SIZE", "DEFAULT_MAX_HOLD"],
+        [
+            "Completion",
+            "DEFAULT_BATCH_SIZE",
+            "DEFAULT_BATCHED_COMPLETION_SIZE",
+            "DEFAULT_MAX_ATTEMPTS",
+            "DEFAULT_MAX_HOLD",
+        ],
     ),
     (
         "sqlalchemy_que.cli",
@@ -36,6 +42,7 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
         ["load_handlers", "normalise_database_url"],
     ),
     ("sqlalchemy_que.demo", "Demo (sqlalchemy_que.demo)", ["run_demo", "DemoResult"]),
+    ("sqlalchemy_que.admin", "Operations (sqlalchemy_que.admin)", None),
     ("sqlalchemy_que.testing", "Testing (sqlalchemy_que.testing)", None),
     ("sqlalchemy_que.pytest_plugin", "pytest plugin (sqlalchemy_que.pytest_plugin)", ["Drain"]),
     ("sqlalchemy_que.flask", "Flask (sqlalchemy_que.flask)", None),

@@ -22,10 +22,16 @@ from ._scheduler import ScheduleState, schedule_states
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     ConfigurationError,
+    FailJob,
     InvalidJobError,
+    JobCancelledError,
+    JobCrashedError,
+    JobLockedError,
+    JobTimeoutError,
     LockError,
     LostSessionError,
     QueError,
+    RetryJob,
     SchemaError,
     UnknownJobClassError,
     UnsupportedSchemaError,
@@ -33,24 +39,31 @@ from .errors import (
 )
 from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
 from .locking import JobLock, LockedJob, locked_job
-from .model import QueJob, metadata
+from .model import FailedJob, QueJob, metadata
 from .schema import check_schema, migrate, migrations_path, schema_version, version_location
 from .stats import JobStats, WorkerState, clear, job_stats, worker_states
 from .worker import Worker, format_last_error
 
 __all__ = [
     "ConfigurationError",
+    "FailJob",
+    "FailedJob",
     "InvalidJobError",
+    "JobCancelledError",
     "JobContext",
+    "JobCrashedError",
     "JobDefinition",
     "JobLock",
+    "JobLockedError",
     "JobRegistry",
     "JobStats",
+    "JobTimeoutError",
     "LockError",
     "LockedJob",
     "LostSessionError",
     "QueError",
     "QueJob",
+    "RetryJob",
     "Schedule",
     "ScheduleState",
     "SchemaError",

@@ -35,6 +35,7 @@ from .errors import WorkerError
 from .listener import Listener
 from .schema import check_schema
 from .worker import (
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_HOLD,
     Completion,
     ErrorReporter,
@@ -120,6 +121,10 @@ class WorkerPool:
         (:func:`~sqlalchemy_que.cron`, :func:`~sqlalchemy_que.every`), in a thread with a
         connection of its own; each tick is enqueued once however many pools run. Default
         True; it does nothing for a registry without schedules, or with ``burst``.
+        ``wake_interval`` still finds every job. The listener also delivers cancel
+        requests to running jobs: without it (and in burst mode) they never arrive.
+    :param max_attempts: runs a job gets in all, unless its definition says; default 16.
+    :param timeout: seconds a job may run, unless its definition says; default None.
     Other parameters as for :class:`~sqlalchemy_que.Worker`.
     """
 
@@ -139,6 +144,8 @@ class WorkerPool:
         check_schema: bool = True,
         listen: bool = True,
         run_schedules: bool = True,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry_of(handlers)
@@ -157,6 +164,8 @@ class WorkerPool:
                 on_error=on_error,
                 name=f"que-worker-{index}",
                 on_locked=self._wake_idle,
+                max_attempts=max_attempts,
+                timeout=timeout,
             )
             for index, worker_queues in enumerate(assignments)
         ]
@@ -166,6 +175,19 @@ class WorkerPool:
         self.scheduler = (
             Scheduler(engine, schedules.values()) if run_schedules and schedules else None
         )
+        self.listener = (
+            Listener(engine, self.queues, self._wake_for, self._cancel) if listen else None
+        )
+
+    @property
+    def failed(self) -> int:
+        """How many job runs failed (retried or failed for good) in this pool's workers."""
+        return sum(worker.failed for worker in self.workers)
+
+    def _cancel(self, job_id: int) -> None:
+        for worker in self.workers:
+            if worker.cancel(job_id):
+                return
 
     @property
     def queue(self) -> str:

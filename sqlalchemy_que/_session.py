@@ -142,10 +142,21 @@ class LockedSession:
     unlock of that worker goes through it. Not thread-safe: one worker thread uses it.
 
     :param engine: where the connection comes from (psycopg 3 driver).
+    :param mark: write a crash mark (``que_job_runs``) for each job the re-check confirms,
+        in the re-check's own statement, and delete it with the job's outcome; what a
+        worker does. :attr:`crashed` then names the jobs whose earlier run left a mark.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, mark: bool = False) -> None:
         self.engine = engine
+        self.mark = mark
+        #: Jobs of the last :meth:`lock` whose earlier run ended without an outcome: job_id
+        #: to a description of that run (when it started, on which backend).
+        self.crashed: dict[int, str] = {}
+        self._recheck = _sql.RECHECK_AND_MARK_JOBS if mark else _sql.RECHECK_JOBS
+        self._delete_job = _sql.COMPLETE_JOB if mark else _sql.DELETE_JOB
+        self._delete_jobs = _sql.COMPLETE_JOBS if mark else _sql.DELETE_JOBS
+        self._record_error = _sql.RECORD_RETRY if mark else _sql.RECORD_ERROR
         self.connection: Connection | None = None
         self._raw: psycopg.Connection[Any] | None = None
         self._pgconn: pq.abc.PGconn | None = None
@@ -427,8 +438,17 @@ class LockedSession:
                 return []
             for job in jobs:
                 self._held[job.job_id] = job
-            found = self._execute(_sql.RECHECK_JOBS, _keys_params(queue, jobs))
+            found = self._execute(self._recheck, _keys_params(queue, jobs))
             present = {int(found.get_value(row, 0) or 0) for row in range(found.ntuples)}
+            if self.mark:
+                self.crashed = {
+                    int(found.get_value(row, 0) or 0): (
+                        f"started at {(found.get_value(row, 1) or b'').decode()} by backend "
+                        f"pid {(found.get_value(row, 2) or b'').decode()}"
+                    )
+                    for row in range(found.ntuples)
+                    if found.get_value(row, 1) is not None
+                }
             vanished = [job for job in jobs if job.job_id not in present]
             if vanished:
                 logger.debug(
@@ -446,7 +466,19 @@ class LockedSession:
         """Unlock jobs that were locked but not started (left exactly as they are)."""
         if not jobs:
             return
-        result = self._execute(_sql.UNLOCK_JOBS, [_array(job.job_id for job in jobs)])
+        ids = [_array(job.job_id for job in jobs)]
+        if self.mark:
+            # The marks go first (committed: autocommit), then the locks. A job found with
+            # an earlier run's mark keeps it: that crash is still to be counted by whoever
+            # takes the job next.
+            unmark = [_array(j.job_id for j in jobs if self.crashed.pop(j.job_id, None) is None)]
+            unmarked, unlocked = self._pipeline(
+                [(_sql.UNMARK_JOBS, unmark), (_sql.UNLOCK_JOBS, ids)], "releasing jobs"
+            )
+            self._check(unmarked, "releasing jobs")
+            result = self._check(unlocked, "releasing jobs")
+        else:
+            result = self._execute(_sql.UNLOCK_JOBS, ids)
         for job in jobs:
             self._held.pop(job.job_id, None)
         if any(result.get_value(row, 0) != b"t" for row in range(result.ntuples)):
@@ -541,7 +573,7 @@ class LockedSession:
             results = self._finish(
                 [
                     (self._begin, ()),
-                    (_sql.DELETE_JOB, job._key_params()),
+                    (self._delete_job, job._key_params()),
                     (_sql.COMMIT, ()),
                     (_sql.UNLOCK_JOB, [str(job.job_id).encode()]),
                 ],
@@ -553,15 +585,12 @@ class LockedSession:
             self._refuse_aborted("completing a job")
             # The handler's statements may have made psycopg deallocate prepared statements
             # (it does on ROLLBACK): inside its transaction only unnamed statements are sent.
+            before, after = self._ending_steps(job, touched=True)
             results = self._finish(
-                [
-                    (_sql.DELETE_JOB.sql, job._key_params()),
-                    (_sql.COMMIT, ()),
-                    (_sql.UNLOCK_ALL.sql, ()),
-                ],
+                [(self._delete_job.sql, job._key_params()), *before, (_sql.COMMIT, ()), after],
                 "completing a job",
             )
-            self._unlocked_all()
+            self._after_unlock(results[-1], job, touched=True)
             deleted = results[0]
         assert deleted is not None
         return (deleted.command_tuples or 0) > 0
@@ -575,6 +604,34 @@ class LockedSession:
                 f"{what} failed: the handler left the job's transaction aborted by an error "
                 "it caught; its work is rolled back"
             )
+
+    def _ending_steps(
+        self, job: LockedJob, *, touched: bool
+    ) -> tuple[
+        list[tuple[Statement | bytes, Sequence[bytes | None]]], tuple[bytes, list[bytes | None]]
+    ]:
+        """The steps that end a job's pipeline around its ``COMMIT``: after it, the job's
+        unlock, or, when its handler used the connection, every advisory lock of the session
+        (see :meth:`_unlocked_all`); then, before the commit, the crash marks of the batch's
+        other jobs go too, in the same transaction (a mark of an earlier crash stays, for
+        whoever takes that job next)."""
+        if not touched:
+            return [], (_sql.UNLOCK_JOB.sql, [str(job.job_id).encode()])
+        others = [
+            held.job_id
+            for held in self._held.values()
+            if held.job_id != job.job_id and held.job_id not in self.crashed
+        ]
+        before: list[tuple[Statement | bytes, Sequence[bytes | None]]] = []
+        if self.mark and others:
+            before.append((_sql.UNMARK_JOBS.sql, [_array(others)]))
+        return before, (_sql.UNLOCK_ALL.sql, [])
+
+    def _after_unlock(self, result: pq.abc.PGresult | None, job: LockedJob, touched: bool) -> None:
+        if touched:
+            self._unlocked_all()
+        else:
+            self._unlocked(result, [job])
 
     def _unlocked_all(self) -> None:
         """After ``pg_advisory_unlock_all()``: a handler that used the connection may have
@@ -591,7 +648,7 @@ class LockedSession:
         results = self._finish(
             [
                 (self._begin, ()),
-                (_sql.DELETE_JOBS, _keys_params(queue, jobs)),
+                (self._delete_jobs, _keys_params(queue, jobs)),
                 (_sql.COMMIT, ()),
                 (_sql.UNLOCK_JOBS, [_array(job.job_id for job in jobs)]),
             ],
@@ -612,32 +669,57 @@ class LockedSession:
         touched = self._transaction is not None
         self._rollback()
         params = [*job._key_params(), repr(float(delay)).encode(), last_error.encode()]
-        unlock = (
-            (_sql.UNLOCK_ALL.sql, [])
-            if touched
-            else (_sql.UNLOCK_JOB.sql, [str(job.job_id).encode()])
-        )
+        before, after = self._ending_steps(job, touched=touched)
         results = self._finish(
-            [(self._begin, ()), (_sql.RECORD_ERROR.sql, params), (_sql.COMMIT, ()), unlock],
+            [
+                (self._begin, ()),
+                (self._record_error.sql, params),
+                *before,
+                (_sql.COMMIT, ()),
+                after,
+            ],
             "recording a job's error",
         )
-        if touched:
-            self._unlocked_all()
-        else:
-            self._unlocked(results[3], [job])
+        self._after_unlock(results[-1], job, touched)
         updated = results[1]
         assert updated is not None
         return (updated.command_tuples or 0) > 0
+
+    def fail(self, job: LockedJob, *, last_error: str, reason: str) -> bool:
+        """Roll back the job's transaction (if open), then in one round trip move the job
+        from ``que_jobs`` to ``que_failed_jobs`` (one more error, ``last_error``, ``reason``),
+        delete its crash mark, commit, and unlock it.
+
+        :returns: True when the row was there to move.
+        :raises StatementFailedError: the server refused the move (the job stays locked).
+        """
+        touched = self._transaction is not None
+        self._rollback()
+        params = [*job._key_params(), last_error.encode(), reason.encode()]
+        before, after = self._ending_steps(job, touched=touched)
+        results = self._finish(
+            [
+                (self._begin, ()),
+                (_sql.MOVE_TO_FAILED.sql, params),
+                *before,
+                (_sql.COMMIT, ()),
+                after,
+            ],
+            "failing a job",
+        )
+        self._after_unlock(results[-1], job, touched)
+        moved = results[1]
+        assert moved is not None
+        return (moved.command_tuples or 0) > 0
 
     def abandon(self, job: LockedJob) -> None:
         """Roll back the job's transaction and unlock the job, its row untouched."""
         touched = self._transaction is not None
         self._rollback()
+        self.release([job])  # its crash mark goes too: it ended, untouched
         if touched:
             self._execute(_sql.UNLOCK_ALL, [], prepared=False)
             self._unlocked_all()
-        else:
-            self.release([job])
 
     def holds(self, job: LockedJob) -> bool:
         """True while this session holds the job's lock."""

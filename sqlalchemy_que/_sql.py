@@ -124,3 +124,102 @@ ROLLBACK = b"ROLLBACK"
 
 #: The statements prepared on a worker's session (the others run unnamed, being rare).
 PREPARED = (LOCK_JOBS, RECHECK_JOBS, UNLOCK_JOBS, UNLOCK_JOB, DELETE_JOB, DELETE_JOBS)
+
+# -- attempts, crash marks and failed jobs (tables of our own; que_jobs is not changed) ------
+
+#: The re-check of :data:`RECHECK_JOBS` that also writes the crash marks of the jobs it
+#: confirms, in the same statement (so in the same round trip, and committed with it since
+#: the worker's session is in autocommit): one ``INSERT ... SELECT`` for the whole batch. It
+#: returns each confirmed job's id with the mark found there before (its start time and
+#: backend pid), which is not null when an earlier run of the job ended without an outcome.
+#: The CTEs share one snapshot, so ``earlier`` reads the marks as they were before the insert.
+#: Its commit does not wait for the WAL flush (``synchronous_commit`` off for this one
+#: transaction): the marks are visible to every session at once and outlive the worker's
+#: process, which is what they are for; only a crash of the server itself within the WAL
+#: writer's delay could lose them, and the job's next commit flushes them anyway. That keeps
+#: the marks from doubling the flushes of a batch completed in one transaction.
+RECHECK_AND_MARK_JOBS = _statement(
+    "recheck_and_mark_jobs",
+    """
+WITH present AS (
+    SELECT j.job_id FROM que_jobs AS j
+    WHERE j.queue = $1
+      AND (j.priority, j.run_at, j.job_id) IN (
+          SELECT * FROM unnest($2::smallint[], $3::timestamptz[], $4::bigint[]))
+), earlier AS (
+    SELECT r.job_id, r.started_at, r.pid FROM que_job_runs AS r
+    WHERE r.job_id IN (SELECT job_id FROM present)
+), marked AS (
+    INSERT INTO que_job_runs (job_id, started_at, pid)
+    SELECT job_id, now(), pg_backend_pid() FROM present
+    ON CONFLICT (job_id) DO UPDATE SET started_at = excluded.started_at, pid = excluded.pid
+)
+SELECT p.job_id, e.started_at::text, e.pid
+FROM present AS p LEFT JOIN earlier AS e ON e.job_id = p.job_id
+CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async
+""",
+)
+
+#: Release jobs locked but not started: their marks are deleted (committed) before their
+#: locks go, in this order in one pipeline, so that nobody who locks them next finds a mark.
+UNMARK_JOBS = _statement(
+    "unmark_jobs",
+    "DELETE FROM que_job_runs WHERE job_id = ANY($1::bigint[])",
+)
+
+#: :data:`DELETE_JOB` that also deletes the job's crash mark, in the same transaction; its
+#: row count is that of ``que_jobs``.
+COMPLETE_JOB = _statement(
+    "complete_job",
+    "WITH unmarked AS (DELETE FROM que_job_runs WHERE job_id = $4) "
+    "DELETE FROM que_jobs "
+    "WHERE queue = $1 AND priority = $2 AND run_at = $3::timestamptz AND job_id = $4",
+)
+
+#: :data:`DELETE_JOBS` that also deletes the jobs' crash marks.
+COMPLETE_JOBS = _statement(
+    "complete_jobs",
+    """
+WITH unmarked AS (DELETE FROM que_job_runs WHERE job_id = ANY($4::bigint[]))
+DELETE FROM que_jobs AS j
+WHERE j.queue = $1
+  AND (j.priority, j.run_at, j.job_id) IN (
+      SELECT * FROM unnest($2::smallint[], $3::timestamptz[], $4::bigint[]))
+""",
+)
+
+#: :data:`RECORD_ERROR` that also deletes the job's crash mark.
+RECORD_RETRY = _statement(
+    "record_retry",
+    "WITH unmarked AS (DELETE FROM que_job_runs WHERE job_id = $4) "
+    "UPDATE que_jobs "
+    "SET error_count = error_count + 1, "
+    "    run_at = now() + make_interval(secs => $5::float8), "
+    "    last_error = $6 "
+    "WHERE queue = $1 AND priority = $2 AND run_at = $3::timestamptz AND job_id = $4",
+)
+
+#: Fail a job for good: move its row, by full key, from ``que_jobs`` to ``que_failed_jobs``
+#: with one more error, its final error ``$5`` and the reason ``$6``, and delete its crash
+#: mark, in one statement. Its row count is that of the rows moved.
+MOVE_TO_FAILED = _statement(
+    "move_to_failed",
+    """
+WITH moved AS (
+    DELETE FROM que_jobs
+    WHERE queue = $1 AND priority = $2 AND run_at = $3::timestamptz AND job_id = $4
+    RETURNING *
+), unmarked AS (
+    DELETE FROM que_job_runs WHERE job_id = $4
+)
+INSERT INTO que_failed_jobs
+    (priority, run_at, job_id, job_class, args, error_count, last_error, queue, reason)
+SELECT priority, run_at, job_id, job_class, args, error_count + 1, $5, queue, $6
+FROM moved
+ON CONFLICT (job_id) DO UPDATE SET
+    priority = excluded.priority, run_at = excluded.run_at, job_class = excluded.job_class,
+    args = excluded.args, error_count = excluded.error_count,
+    last_error = excluded.last_error, queue = excluded.queue,
+    failed_at = excluded.failed_at, reason = excluded.reason
+""",
+)

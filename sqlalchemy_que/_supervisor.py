@@ -8,7 +8,8 @@ started with the parent's options less ``--processes``. The parent:
   forwarded too, which stops the children at once;
 * restarts a child that exits while it should be running, after a pause that doubles from
   1 s up to 30 s for that slot (back to 1 s once a child has run for a minute), and logs it;
-* with ``--burst``, lets children that exit 0 (their queues are empty) stay stopped;
+* with ``--burst``, lets children that exit 0 or 4 (their queues are empty; 4: some jobs
+  failed) stay stopped, and exits 4 when any child did;
 * exits 0 after a clean stop, 3 when any child stopped with jobs still running, 128 + N after
   a second signal N, and 1 when a burst child failed.
 
@@ -35,6 +36,7 @@ __all__ = ["supervise"]
 logger = logging.getLogger("sqlalchemy_que.supervisor")
 
 EXIT_JOBS_STILL_RUNNING = 3
+EXIT_JOBS_FAILED = 4  # a burst child that worked its queue, some jobs failing
 _FIRST_BACKOFF = 1.0
 _MAX_BACKOFF = 30.0
 _STABLE_AFTER = 60.0
@@ -104,7 +106,7 @@ def supervise(
                     if code is None:
                         continue
                     slot.process, slot.exit_code = None, code
-                    if received or (burst and code == 0):
+                    if received or (burst and code in (0, EXIT_JOBS_FAILED)):
                         slot.restart_at = None
                         continue
                     if now - slot.started > _STABLE_AFTER:
@@ -150,8 +152,10 @@ def supervise(
     codes = [slot.exit_code for slot in slots]
     if EXIT_JOBS_STILL_RUNNING in codes:
         return EXIT_JOBS_STILL_RUNNING
-    if burst and not received and any(code != 0 for code in codes):
+    if burst and not received and any(code not in (0, EXIT_JOBS_FAILED) for code in codes):
         return 1
+    if burst and EXIT_JOBS_FAILED in codes:
+        return EXIT_JOBS_FAILED
     return 0
 
 

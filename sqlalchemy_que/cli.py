@@ -16,8 +16,10 @@ Settings come from options or their environment variables (``DATABASE_URL``, ``Q
 Exit status: 0 success (for ``worker``, a clean stop); 1 an error, explained on one line
 (bad database URL, unreachable server, wrong schema, bad import path); 2 bad usage;
 3 ``worker`` stopped with jobs still running after ``--shutdown-timeout`` (their rows are
-intact and their locks released as the process exits); 128 + N when a second signal N
-stopped the worker at once.
+intact and their locks released as the process exits); 4 ``worker --burst`` worked every
+ready job but some of them failed; 128 + N when a second signal N stopped the worker at
+once. The operations commands (``retry``, ``delete``, ``cancel``, ``job``...) exit 1 when a
+job was left alone because a worker holds it, or does not exist, and say which.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from . import schema, stats
+from . import admin, schema, stats
+from ._admin_cli import add_admin_commands
 from ._pool import WorkerPool
 from ._scheduler import schedule_states
 from ._supervisor import child_command, child_environment, supervise
@@ -54,6 +57,9 @@ __all__ = ["load_handlers", "main", "normalise_database_url"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_JOBS_STILL_RUNNING = 3
+
+#: ``worker --burst`` exit status when any job run failed (retried or failed for good).
+EXIT_JOBS_FAILED = 4
 
 
 def normalise_database_url(url: str) -> URL:
@@ -220,10 +226,12 @@ def check(database_url: str | None) -> None:
 def _print_stats(engine: Engine, as_json: bool) -> None:
     job_stats = stats.job_stats(engine)
     states = stats.worker_states(engine)
+    counts = admin.counts(engine)
     if as_json:
         click.echo(
             json.dumps(
                 {
+                    "counts": {name: getattr(counts, name) for name in counts.__slots__},
                     "job_stats": [
                         {name: getattr(row, name) for name in row.__slots__} for row in job_stats
                     ],
@@ -254,6 +262,10 @@ def _print_stats(engine: Engine, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
     if not rows:
         click.echo("(no jobs)")
+    click.echo(
+        f"\nready {counts.ready}, scheduled {counts.scheduled}, retrying {counts.retrying}, "
+        f"working {counts.working}, failed {counts.failed}"
+    )
     click.echo(f"\n{len(states)} job(s) being worked")
     for state in states:
         click.echo(
@@ -374,20 +386,17 @@ def print_schedules(engine: Engine, registry: JobRegistry, as_json: bool, *, whe
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
 
 
-@main.command()
-@_database_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def clear(database_url: str | None, yes: bool) -> None:
-    """Delete every job in que_jobs."""
-    if not yes:
-        click.confirm("Delete every job in que_jobs?", abort=True)
+@contextmanager
+def _engine_for(extra: dict[str, Any]) -> Iterator[Engine]:
     with _explained():
-        engine = _engine(database_url)
+        engine = _engine(extra.get("database_url"))
         try:
-            count = stats.clear(engine)
+            yield engine
         finally:
             engine.dispose()
-    click.echo(f"deleted {count} job(s)")
+
+
+add_admin_commands(main, options=_database_option, engine_for=_engine_for)
 
 
 @main.command()
@@ -453,7 +462,11 @@ def clear(database_url: str | None, yes: bool) -> None:
     default=None,
     help="Seconds jobs in progress get to finish after SIGTERM/SIGINT (default: no limit).",
 )
-@click.option("--burst", is_flag=True, help="Work until no job is ready, then exit 0.")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Work until no job is ready, then exit: 0, or 4 when any job failed.",
+)
 @click.option(
     "--listen/--no-listen",
     envvar="QUE_LISTEN",
@@ -539,6 +552,7 @@ def worker(
         finally:
             engine.dispose()
     exit_if_jobs_still_running(still_running)
+    exit_if_jobs_failed(pool, burst)
 
 
 def _child_options(queue_options: tuple[str, ...], workers: int | None) -> list[str]:
@@ -576,6 +590,13 @@ def parse_queues(options: tuple[str, ...]) -> list[str] | dict[str, int]:
             param_hint="--queue",
         )
     return counted if counted else plain
+
+
+def exit_if_jobs_failed(pool: WorkerPool, burst: bool) -> None:
+    """After a burst: exit 4 when any job run failed, saying how many."""
+    if burst and pool.failed:
+        click.echo(f"{pool.failed} job run(s) failed", err=True)
+        sys.exit(EXIT_JOBS_FAILED)
 
 
 def exit_if_jobs_still_running(still_running: list[LockedJob]) -> None:

@@ -12,10 +12,16 @@ Every exception the library raises on purpose derives from :class:`QueError`, so
     ├── ConfigurationError   (also a ValueError) a setting was refused: a database URL, an
     │   │                    import path, a Flask config key
     │   └── WorkerError      a worker or pool was misconfigured or could not start
-    └── LockError            a job lock was not where it had to be: already released, held
-        │                    by no one, or used after its job was completed
-        └── LostSessionError the session holding a worker's locks was lost; its jobs are
-                             left for another worker, never written from this one
+    ├── LockError            a job lock was not where it had to be: already released, held
+    │   │                    by no one, or used after its job was completed
+    │   └── LostSessionError the session holding a worker's locks was lost; its jobs are
+    │                        left for another worker, never written from this one
+    ├── FailJob              raised by a handler: fail the job for good, no retry
+    ├── RetryJob             raised by a handler: retry at a time of its choosing
+    ├── JobTimeoutError      recorded for a job that overran its timeout
+    ├── JobCancelledError    recorded for a job failed because it was cancelled
+    ├── JobCrashedError      recorded for a job whose earlier run ended with its process
+    └── JobLockedError       an operation refused a job a worker holds right now
 
 Every class shows as ``sqlalchemy_que.<Name>``, as users import it.
 
@@ -26,12 +32,21 @@ where the library adds meaning it raises its own error ``from`` the driver's.
 
 from __future__ import annotations
 
+import datetime
+import math
+
 __all__ = [
     "ConfigurationError",
+    "FailJob",
     "InvalidJobError",
+    "JobCancelledError",
+    "JobCrashedError",
+    "JobLockedError",
+    "JobTimeoutError",
     "LockError",
     "LostSessionError",
     "QueError",
+    "RetryJob",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",
@@ -103,6 +118,59 @@ class LostSessionError(LockError):
     """
 
 
+class FailJob(QueError):
+    """Raise it in a handler to fail the job for good, without the retries it has left: it
+    is moved to ``que_failed_jobs`` with this exception as its final error (reason
+    ``failed``), and the job's transaction is rolled back::
+
+        raise sqlalchemy_que.FailJob(f"user {user_id} does not exist")
+    """
+
+
+class RetryJob(QueError):
+    """Raise it in a handler to retry the job after ``in_`` seconds (a number or a
+    ``timedelta``; default 0, as soon as possible) instead of Que's retry delay. It counts
+    as an attempt like any failure, with this exception as ``last_error``; at the last
+    attempt the job is failed for good. The job's transaction is rolled back.
+
+    :param reason: what ``last_error`` says.
+    """
+
+    def __init__(self, reason: str = "", *, in_: float | datetime.timedelta = 0.0) -> None:
+        seconds = in_.total_seconds() if isinstance(in_, datetime.timedelta) else in_
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds < math.inf
+        ):
+            raise InvalidJobError(
+                f"RetryJob(in_=...) must be seconds >= 0 or a timedelta, got {in_!r}"
+            )
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = float(seconds)
+
+
+class JobTimeoutError(QueError):
+    """The error recorded for a job that ran past its ``timeout`` (or whose statement was
+    cancelled by the ``statement_timeout`` the timeout sets). Counts as an attempt."""
+
+
+class JobCancelledError(QueError):
+    """The error recorded for a job failed because it was cancelled (reason ``cancelled``)."""
+
+
+class JobCrashedError(QueError):
+    """The error recorded for a job whose earlier run never recorded an outcome: the worker
+    process died under it (SIGKILL, an out-of-memory kill, ``os._exit``) or lost its
+    connection. Counts as an attempt, with the normal retry delay."""
+
+
+class JobLockedError(QueError):
+    """An operation on a job was refused because a worker holds the job's lock right now;
+    nothing was written about it. The message names the job and the locking backend."""
+
+
 for _error in (
     QueError,
     InvalidJobError,
@@ -113,6 +181,12 @@ for _error in (
     UnknownJobClassError,
     LockError,
     LostSessionError,
+    FailJob,
+    RetryJob,
+    JobTimeoutError,
+    JobCancelledError,
+    JobCrashedError,
+    JobLockedError,
 ):
     _error.__module__ = "sqlalchemy_que"  # as users see and import them
 del _error

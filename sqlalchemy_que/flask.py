@@ -34,9 +34,11 @@ committed together with the job's completion, or rolled back with the error that
 it. ``db.session.commit()`` in a handler only flushes.
 
 ``init_app`` adds a ``flask que`` command group: ``flask que worker``, ``flask que stats``,
-``flask que schedules`` and
-``flask que migrate``. It reads these configuration keys once, when it runs (later changes
-to ``app.config`` are not seen; options of ``flask que worker`` override them):
+``flask que schedules``, ``flask que migrate``, and the operations commands of
+``sqlalchemy-que`` (``jobs``, ``job``, ``retry``, ``delete``, ``clear``, ``cancel``,
+``purge-failed``) on the app's database. It
+reads these configuration keys once, when it runs (later changes to ``app.config`` are not
+seen; options of ``flask que worker`` override them):
 
 =======================  =========  ======================================================
 Key                      Default    Meaning
@@ -70,26 +72,30 @@ creates it. ``flask que migrate`` creates and upgrades them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import click
 from flask import Flask, appcontext_pushed, current_app, has_app_context
 from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import Engine
 
 from . import schema
+from ._admin_cli import add_admin_commands
 from ._drain import DatabaseBind, DrainReport, drain_wrapped
 from ._pool import WorkerPool
 from ._sync import OnError, SynchronousMode
 from .cli import (
     _explained,
     _print_stats,
+    exit_if_jobs_failed,
     exit_if_jobs_still_running,
     load_handlers,
     print_schedules,
@@ -483,7 +489,11 @@ que_cli = AppGroup("que", help="Work and inspect the sqlalchemy-que job queue.")
     help="Seconds jobs in progress get to finish after SIGTERM/SIGINT "
     "[default: QUE_SHUTDOWN_TIMEOUT, else no limit].",
 )
-@click.option("--burst", is_flag=True, help="Work until no job is ready, then exit 0.")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Work until no job is ready, then exit: 0, or 4 when any job failed.",
+)
 @click.option(
     "--listen/--no-listen",
     default=None,
@@ -499,7 +509,8 @@ def worker_command(
 ) -> None:
     """Run a pool of workers on the app's database, handlers in an app context.
 
-    Exit status 3 when jobs were still running after the shutdown timeout.
+    Exit status 3 when jobs were still running after the shutdown timeout; with --burst,
+    4 when any job failed.
     """
     que, state = _current()
     with _explained():
@@ -510,6 +521,7 @@ def worker_command(
             shutdown_timeout = state.shutdown_timeout
         still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
     exit_if_jobs_still_running(still_running)
+    exit_if_jobs_failed(pool, burst)
 
 
 @que_cli.command("stats")
@@ -555,3 +567,17 @@ def migrate_command(sql: bool) -> None:
             return
         schema.migrate(state.db.engine)
     click.echo("que_jobs is at schema version 3, migrations at head")
+
+
+@contextlib.contextmanager
+def _app_engine(extra: dict[str, Any]) -> Iterator[Engine]:
+    _, state = _current()
+    with _explained():
+        yield state.db.engine
+
+
+def _no_options(function: Any) -> Any:
+    return function
+
+
+add_admin_commands(que_cli, options=_no_options, engine_for=_app_engine)

@@ -28,6 +28,8 @@ import datetime
 import functools
 import inspect
 import math
+import threading
+import time
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,20 +84,32 @@ class JobContext:
     :attr:`connection` itself are refused while the job runs: they would end the job's
     transaction half-way.
 
+    Attempts, time and cancelling: :attr:`attempt` is this run's number (``error_count + 1``),
+    :attr:`attempts_remaining` how many runs are left after this one; :attr:`deadline` and
+    :meth:`time_left` say how long the job may still run under its ``timeout``; and
+    :attr:`cancel_requested` turns true when someone asks to cancel the job (see
+    :func:`sqlalchemy_que.admin.cancel`).
+
     :param connection: the Connection to hand out (a unit test may pass one of its own), or
         None with ``open_connection`` to open it on first use.
     :param open_connection: called once, on the first use of :attr:`connection`.
+    :param max_attempts: the job's attempts in all; default None (no limit, as Que 0.x).
+    :param timeout: seconds the job may run from now; default None (no limit).
     """
 
     __slots__ = (
+        "_cancel",
         "_connection",
+        "_deadline",
         "_open_connection",
         "_session",
         "args",
+        "deadline",
         "error_count",
         "job_class",
         "job_id",
         "last_error",
+        "max_attempts",
         "priority",
         "queue",
         "run_at",
@@ -114,6 +128,8 @@ class JobContext:
         args: list[Any],
         connection: Connection | None = None,
         open_connection: Callable[[], Connection] | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.job_id = job_id
         self.job_class = job_class
@@ -126,6 +142,45 @@ class JobContext:
         self._connection = connection
         self._open_connection = open_connection
         self._session: Session | None = None
+        self.max_attempts = max_attempts
+        #: When the job's timeout runs out (UTC), or None without a timeout.
+        self.deadline: datetime.datetime | None = None
+        self._deadline: float | None = None  # the same, on the monotonic clock
+        if timeout is not None:
+            self._deadline = time.monotonic() + timeout
+            self.deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+                seconds=timeout
+            )
+        self._cancel = threading.Event()
+
+    @property
+    def attempt(self) -> int:
+        """This run's number: 1 for the first run, ``error_count + 1`` after failures."""
+        return self.error_count + 1
+
+    @property
+    def attempts_remaining(self) -> int | None:
+        """How many more runs the job gets if this one fails (0: this is its last attempt),
+        or None when it has no limit."""
+        if self.max_attempts is None:
+            return None
+        return max(0, self.max_attempts - self.attempt)
+
+    def time_left(self) -> float | None:
+        """Seconds until :attr:`deadline` (negative once it has passed), or None without a
+        timeout."""
+        if self._deadline is None:
+            return None
+        return self._deadline - time.monotonic()
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once a cancel was requested for this job: return (or raise) soon; the worker
+        then fails the job as cancelled, rolling back its transaction."""
+        return self._cancel.is_set()
+
+    def _request_cancel(self) -> None:
+        self._cancel.set()
 
     @property
     def connection(self) -> Connection:
@@ -193,6 +248,8 @@ class JobDefinition(JobDefaults, Generic[P]):
     unique_key: Callable[P, str] | None = None
     #: The schedules that enqueue this job periodically (see :func:`~sqlalchemy_que.cron`).
     schedules: tuple[Schedule, ...] = ()
+    max_attempts: int | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -217,6 +274,10 @@ class JobDefinition(JobDefaults, Generic[P]):
             raise InvalidJobError(
                 f"retry_delay must be seconds >= 0 or a function of the error count, got {delay!r}"
             )
+        if self.max_attempts is not None:
+            check_max_attempts(self.max_attempts)
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", check_timeout(self.timeout))
         _check_handler(self.handler, self.name)
         _positional_parameters(self.handler, self.name)
         if self.unique_key is not None and not callable(self.unique_key):
@@ -322,6 +383,26 @@ class JobDefinition(JobDefaults, Generic[P]):
         if callable(delay):
             return float(delay(error_count))
         return float(delay)
+
+
+def check_max_attempts(value: object) -> int:
+    """:raises InvalidJobError: unless ``value`` is a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidJobError(f"max_attempts must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def check_timeout(value: object) -> float:
+    """:raises InvalidJobError: unless ``value`` is a positive number of seconds (or a
+    ``timedelta``)."""
+    seconds = value.total_seconds() if isinstance(value, datetime.timedelta) else value
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds < math.inf
+    ):
+        raise InvalidJobError(f"timeout must be a positive number of seconds, got {value!r}")
+    return float(seconds)
 
 
 def _check_handler(handler: Handler, name: str) -> None:
@@ -448,6 +529,8 @@ def job(
     retry_delay: RetryDelay | None = None,
     unique_key: Callable[..., str] | None = None,
     schedule: Schedule | Sequence[Schedule] = (),
+    max_attempts: int | None = None,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
     """Declare a job: decorate its handler to get a :class:`JobDefinition`.
 
@@ -462,6 +545,11 @@ def job(
         nothing was enqueued refuse it); default none.
     :param schedule: one schedule or several (:func:`~sqlalchemy_que.cron`,
         :func:`~sqlalchemy_que.every`) that enqueue this job periodically; default none.
+    :param max_attempts: runs in all before the job is failed for good (moved to
+        ``que_failed_jobs``); default None: the worker's ``max_attempts`` (16).
+    :param timeout: seconds a run may take (a number or a ``timedelta``): its transaction
+        gets that ``statement_timeout``, and a run that overruns is failed as a timeout;
+        default None: the worker's ``timeout`` (none).
     :raises InvalidJobError: when decorating a handler the worker cannot run: an ``async def``
         (async handlers are not supported yet), an async generator or generator function,
         one with keyword-only parameters, or one whose first positional parameter cannot
@@ -479,6 +567,8 @@ def job(
             retry_delay=retry_delay,
             unique_key=unique_key,
             schedules=schedules,
+            max_attempts=max_attempts,
+            timeout=timeout,  # type: ignore[arg-type]  # a timedelta is kept as seconds
         )
 
     return decorate
@@ -533,6 +623,8 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
         retry_delay: RetryDelay | None = None,
         unique_key: Callable[..., str] | None = None,
         schedule: Schedule | Sequence[Schedule] = (),
+        max_attempts: int | None = None,
+        timeout: float | datetime.timedelta | None = None,
     ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
         """Like :func:`job`, and register the definition here."""
 
@@ -544,6 +636,8 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
                 retry_delay=retry_delay,
                 unique_key=unique_key,
                 schedule=schedule,
+                max_attempts=max_attempts,
+                timeout=timeout,
             )(handler)
             self.add(definition)
             return definition

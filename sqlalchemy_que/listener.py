@@ -6,6 +6,10 @@ each of its queues (see :mod:`sqlalchemy_que.notify`), and calls ``wake(queue)``
 ready: at once for a job due now, or when its ``run_at`` comes for a job due within the next
 hour (a timer), so that a scheduled job starts on time rather than at the next poll.
 
+It also listens on :data:`~sqlalchemy_que.notify.CANCEL_CHANNEL` and passes each job id
+asked to cancel to ``on_cancel`` (see :func:`sqlalchemy_que.admin.cancel`), so that a handler
+sees ``job.cancel_requested`` without any query of its own.
+
 Polling stays the safety net: a lost notification (the listening connection dropped, a job
 from Ruby, Go or raw SQL) only means the job is found at the next poll. Each time the
 listening connection is (re)established, every queue is woken once, in case a job was
@@ -26,7 +30,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine
 
-from .notify import channel_for, parse_payload
+from .notify import CANCEL_CHANNEL, channel_for, parse_payload
 
 __all__ = ["Listener"]
 
@@ -47,15 +51,21 @@ class Listener:
         connection uses.
     :param queues: the queues to listen for.
     :param wake: called from the listener's thread when a job is ready.
+    :param on_cancel: called from the listener's thread with the id of a job asked to cancel.
     """
 
     def __init__(
-        self, engine: Engine, queues: Sequence[str], wake: Callable[[str | None], object]
+        self,
+        engine: Engine,
+        queues: Sequence[str],
+        wake: Callable[[str | None], object],
+        on_cancel: Callable[[int], object] | None = None,
     ) -> None:
         self.engine = engine
         self.queues = tuple(queues)
         self.channels = {channel_for(queue): queue for queue in self.queues}
         self._wake = wake
+        self._on_cancel = on_cancel
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._timers: list[tuple[float, str]] = []  # a heap of (monotonic time, queue)
@@ -99,6 +109,8 @@ class Listener:
             connection.execute("SET application_name = 'sqlalchemy-que listener'")
             for channel in self.channels:
                 connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            if self._on_cancel is not None:
+                connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CANCEL_CHANNEL)))
         except BaseException:
             connection.close()
             raise
@@ -155,6 +167,10 @@ class Listener:
                 self._on_notification(notification.channel, notification.payload)
 
     def _on_notification(self, channel: str, payload: str) -> None:
+        if channel == CANCEL_CHANNEL:
+            if self._on_cancel is not None and payload.isdigit():
+                self._on_cancel(int(payload))
+            return
         queue = self.channels.get(channel)
         if queue is None:
             return

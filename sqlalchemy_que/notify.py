@@ -29,9 +29,19 @@ from sqlalchemy import Connection, event, inspect, text
 
 from .model import QueJob
 
-__all__ = ["CHANNEL_PREFIX", "channel_for", "notify_job", "parse_payload", "pending_wakeup"]
+__all__ = [
+    "CANCEL_CHANNEL",
+    "CHANNEL_PREFIX",
+    "channel_for",
+    "notify_job",
+    "parse_payload",
+    "pending_wakeup",
+]
 
 CHANNEL_PREFIX = "sqlalchemy_que_"
+
+#: The channel that carries cancel requests: the payload is the job's id.
+CANCEL_CHANNEL = "sqlalchemy_que_cancel"
 
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 

@@ -45,7 +45,7 @@ from sqlalchemy import Connection, Engine, Table, text
 
 from ._tables import SCHEDULE_TICKS, UNIQUE_KEYS
 from .errors import SchemaError, UnsupportedSchemaError
-from .model import SCHEMA_VERSION, TABLE_NAME
+from .model import FAILED_TABLE_NAME, RUNS_TABLE_NAME, SCHEMA_VERSION, TABLE_NAME
 
 if TYPE_CHECKING:
     from alembic.operations.ops import MigrationScript
@@ -71,7 +71,9 @@ VERSION_TABLE = "sqlalchemy_que_version"
 _SEQUENCE_NAME = "que_jobs_job_id_seq"
 
 # What an application's autogenerate must neither drop nor create.
-_OUR_TABLES = frozenset({TABLE_NAME, VERSION_TABLE, UNIQUE_KEYS, SCHEDULE_TICKS})
+_OUR_TABLES = frozenset(
+    {TABLE_NAME, VERSION_TABLE, FAILED_TABLE_NAME, RUNS_TABLE_NAME, UNIQUE_KEYS, SCHEDULE_TICKS}
+)
 
 # Serialises concurrent standalone migrations (two workers starting at once). The two-int form
 # keeps it out of the one-bigint key space that job locks use.
@@ -254,8 +256,9 @@ def include_object(
     compare_to: SchemaItem | None,
 ) -> bool:
     """An ``include_object`` filter for an application's Alembic autogenerate: False for
-    sqlalchemy-que's tables (``que_jobs``, ``sqlalchemy_que_version``) and everything on them,
-    True for the rest (unique keys and schedule ticks are ours too).
+    sqlalchemy-que's tables (``que_jobs``, ``que_failed_jobs``, ``que_job_runs``,
+    ``sqlalchemy_que_unique_keys``, ``sqlalchemy_que_schedule_ticks``,
+    ``sqlalchemy_que_version``) and everything on them, True for the rest.
 
     With it, autogenerate neither drops our tables (they are not in the application's
     metadata) nor creates them (when ``sqlalchemy_que.metadata`` is in ``target_metadata``):

@@ -22,7 +22,15 @@ by itself when jobs are slow: it is sized so that the batch's jobs take about a 
 A :class:`~sqlalchemy_que.WorkerPool` runs several workers in threads on one Engine.
 
 Handlers take the running job (:class:`~sqlalchemy_que.JobContext`) first, then the job's
-positional arguments. A failing job is never deleted by the error path.
+positional arguments.
+
+Attempts: before a batch's handlers run, the re-check of step 1 also writes a crash mark
+per job (``que_job_runs``, one ``INSERT ... SELECT`` in the same statement, so no round trip
+of its own); every outcome deletes it in its own transaction. A job locked with a mark
+still there had a run that never ended (its process died): that counts as a failed
+attempt (:class:`~sqlalchemy_que.JobCrashedError`), recorded instead of running it. A job
+whose last attempt fails (``max_attempts``, default 16), or that raises
+:class:`~sqlalchemy_que.FailJob`, or was cancelled, is moved to ``que_failed_jobs``.
 """
 
 from __future__ import annotations
@@ -43,8 +51,24 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from ._session import LockedJob, LockedSession, LostSessionError, StatementFailedError
-from .errors import QueError, UnknownJobClassError, WorkerError
-from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay
+from .errors import (
+    FailJob,
+    JobCancelledError,
+    JobCrashedError,
+    JobTimeoutError,
+    QueError,
+    RetryJob,
+    UnknownJobClassError,
+    WorkerError,
+)
+from .jobs import (
+    JobContext,
+    JobDefinition,
+    JobRegistry,
+    check_max_attempts,
+    check_timeout,
+    default_retry_delay,
+)
 
 __all__ = ["Completion", "ErrorReporter", "Worker", "format_last_error"]
 
@@ -70,10 +94,18 @@ LAST_ERROR_FIRST_LINE = 500
 DEFAULT_BATCH_SIZE = 20
 DEFAULT_BATCHED_COMPLETION_SIZE = 100
 
+#: Runs a job gets in all before it is failed for good, unless its definition says otherwise:
+#: Que 2.x's default of 15 retries after the first run. With Que's retry delay (n^4 + 3
+#: seconds) the last retry comes about two days after the first failure, which outlasts a
+#: weekend outage of whatever the job talks to. (River's default is 25 attempts, about three
+#: weeks with its own formula; Que 0.x and Ruby workers retry forever.)
+DEFAULT_MAX_ATTEMPTS = 16
+
 #: The longest a worker keeps jobs locked but not started before it looks again.
 DEFAULT_MAX_HOLD = 0.5
 
 _MAX_BACKOFF = 30.0
+_QueryCanceled = psycopg.errors.QueryCanceled  # what statement_timeout raises
 
 #: The longest retry delay written (about 100 years), well within PostgreSQL's intervals.
 MAX_RETRY_DELAY = 100 * 365.25 * 24 * 3600.0
@@ -200,6 +232,10 @@ class Worker:
     :param name: a name for logs; default ``"worker"``.
     :param on_locked: called when the worker locks jobs after a sleep, or a full batch (a
         pool uses it to wake one idle worker, since such a batch often means more).
+    :param max_attempts: runs a job gets in all, for job definitions that do not set their
+        own (and unknown job classes); default 16 (:data:`DEFAULT_MAX_ATTEMPTS`).
+    :param timeout: seconds a job may run, for definitions that do not set their own;
+        default None (no limit).
     """
 
     def __init__(
@@ -216,6 +252,8 @@ class Worker:
         on_error: ErrorReporter | None = None,
         name: str = "worker",
         on_locked: Callable[[], object] | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | None = None,
     ) -> None:
         if not isinstance(queue, str):
             raise WorkerError(f"queue must be a str, got {queue!r}")
@@ -233,6 +271,14 @@ class Worker:
         self.max_hold = _check_seconds("max_hold", max_hold)
         self.on_error = on_error
         self.name = name
+        try:
+            self.max_attempts = check_max_attempts(max_attempts)
+            self.timeout = None if timeout is None else check_timeout(timeout)
+        except QueError as error:
+            raise WorkerError(str(error)) from None
+        #: How many job runs failed (retried or failed for good) since the worker started.
+        self.failed = 0
+        self._context: JobContext | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._current: LockedJob | None = None
@@ -259,6 +305,15 @@ class Worker:
         the jobs it locked but has not started, and a sleeping worker wakes at once."""
         self._stopping.set()
         self._wake.set()
+
+    def cancel(self, job_id: int) -> bool:
+        """Ask the handler running job ``job_id``, if it is this worker's, to stop: its
+        ``job.cancel_requested`` turns true. True when it was running here."""
+        context = self._context
+        if context is not None and context.job_id == job_id:
+            context._request_cancel()
+            return True
+        return False
 
     @property
     def stopping(self) -> bool:
@@ -294,7 +349,7 @@ class Worker:
         """
         worked = 0
         backoff = 0.0
-        session = LockedSession(self.engine)
+        session = LockedSession(self.engine, mark=True)
         try:
             while not self._stopping.is_set():
                 try:
@@ -340,7 +395,7 @@ class Worker:
 
         :returns: True when a job was worked (completed or failed), False when none was ready.
         """
-        session = LockedSession(self.engine)
+        session = LockedSession(self.engine, mark=True)
         session.checkout()
         try:
             return self._work_batch(session, limit=1) > 0
@@ -435,6 +490,18 @@ class Worker:
                 except StatementFailedError as single:
                     self._fail(session, job, self.registry.get(job.job_class), single, None, 0.0)
 
+    def _open(self, session: LockedSession, context: JobContext) -> Any:
+        """Open the job's transaction, with a ``statement_timeout`` of the time it has left
+        when it has a timeout."""
+        connection = session.open_transaction()
+        left = context.time_left()
+        if left is not None:
+            milliseconds = max(1, math.ceil(left * 1000))
+            connection.exec_driver_sql(
+                "SELECT set_config('statement_timeout', %s, true)", (f"{milliseconds}ms",)
+            )
+        return connection
+
     # -- one job -------------------------------------------------------------------------
 
     def _run(self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]) -> None:
@@ -442,6 +509,18 @@ class Worker:
         definition = self.registry.get(job.job_class)
         started = time.perf_counter()
         context: JobContext | None = None
+        crashed = session.crashed.pop(job.job_id, None)
+        if crashed is not None:
+            error = JobCrashedError(
+                f"job {job.job_id} {job.job_class}: its earlier run ({crashed}) ended without "
+                "an outcome; its worker process died (killed, out of memory, os._exit) or "
+                "lost its connection"
+            )
+            self._fail(session, job, definition, error, None, started, reason="crash")
+            return
+        timeout = self.timeout
+        if definition is not None and definition.timeout is not None:
+            timeout = definition.timeout
         try:
             if job.run_at is None:
                 raise UndecodableJobError(
@@ -460,19 +539,28 @@ class Worker:
                 error_count=job.error_count,
                 last_error=job.last_error,
                 args=args,
-                open_connection=session.open_transaction,
+                max_attempts=self._max_attempts(definition),
+                timeout=timeout,
             )
+            bound = context
+            context._open_connection = lambda: self._open(session, bound)
+            self._context = context
             if definition is None:
                 raise UnknownJobClassError(
                     f"no handler for job_class {job.job_class!r} in this worker "
                     f"(it knows {sorted(self.registry) or 'no job classes'})"
                 )
-            definition.handler(context, *args)
+            try:
+                definition.handler(context, *args)
+            finally:
+                self._context = None
+            self._check_overrun(context, timeout)
             context._finish_session(keep=True)
         except Exception as error:
             if context is not None:
                 with contextlib.suppress(Exception):
                     context._finish_session(keep=False)
+                error = self._classify(error, context, timeout)
             self._fail(session, job, definition, error, context, started)
             return
         except BaseException:
@@ -525,6 +613,50 @@ class Worker:
             "worker": self.name,
         }
 
+    def _max_attempts(self, definition: JobDefinition[Any] | None) -> int:
+        if definition is not None and definition.max_attempts is not None:
+            return definition.max_attempts
+        return self.max_attempts
+
+    @staticmethod
+    def _check_overrun(context: JobContext, timeout: float | None) -> None:
+        """After the handler returned: a cancelled job or one past its deadline fails."""
+        if context.cancel_requested:
+            raise JobCancelledError(f"job {context.job_id} was cancelled while it ran")
+        left = context.time_left()
+        if timeout is not None and left is not None and left < 0:
+            raise JobTimeoutError(
+                f"job {context.job_id} ran {timeout - left:.3f}s, over its timeout of {timeout:g}s"
+            )
+
+    @staticmethod
+    def _classify(error: Exception, context: JobContext, timeout: float | None) -> Exception:
+        """The failure to record for what the handler raised: a cancel or an overrun wins
+        over the handler's own error (which is what they usually cause)."""
+        if isinstance(error, JobCancelledError | JobTimeoutError):
+            return error
+        if context.cancel_requested:
+            failure: Exception = JobCancelledError(
+                f"job {context.job_id} was cancelled while it ran; it raised "
+                f"{_error_class_name(error)}: {_message(error)}"
+            )
+        elif (
+            timeout is not None
+            and (left := context.time_left()) is not None
+            and (
+                left < 0 or isinstance(getattr(error, "orig", error), psycopg.errors.QueryCanceled)
+            )
+        ):
+            failure = JobTimeoutError(
+                f"job {context.job_id} overran its timeout of {timeout:g}s; it raised "
+                f"{_error_class_name(error)}: {_message(error)}"
+            )
+        else:
+            return error
+        failure.__cause__ = error
+        failure.__traceback__ = error.__traceback__
+        return failure
+
     def _retry_delay(self, definition: JobDefinition[Any] | None, error_count: int) -> float:
         try:
             delay = (
@@ -548,13 +680,32 @@ class Worker:
         error: Exception,
         context: JobContext | None,
         started: float,
+        *,
+        reason: str = "error",
     ) -> None:
+        self.failed += 1
         count = job.error_count + 1
-        delay = self._retry_delay(definition, count)
+        if isinstance(error, FailJob):
+            reason = "failed"
+        elif isinstance(error, JobCancelledError):
+            reason = "cancelled"
+        elif isinstance(error, JobTimeoutError):
+            reason = "timeout"
+        final = reason in ("failed", "cancelled") or count >= self._max_attempts(definition)
+        if isinstance(error, RetryJob):
+            delay = min(error.delay, MAX_RETRY_DELAY)
+        else:
+            delay = self._retry_delay(definition, count)
         extra = {**self._extra(job, started), "outcome": "error", "retry_in": delay}
+        if final:
+            extra = {**extra, "outcome": "failed", "reason": reason}
+            del extra["retry_in"]
         try:
             try:
-                session.record_error(job, delay=delay, last_error=format_last_error(error))
+                if final:
+                    session.fail(job, last_error=format_last_error(error), reason=reason)
+                else:
+                    session.record_error(job, delay=delay, last_error=format_last_error(error))
             except StatementFailedError:
                 logger.exception(
                     "%s: could not record the error of job %s; recording it plainly",
@@ -564,9 +715,12 @@ class Worker:
                 )
                 # A record that cannot fail: the job must not stay ready, or the worker
                 # would take it again at once, in a loop.
-                session.record_error(
-                    job, delay=default_retry_delay(count), last_error=_error_class_name(error)
-                )
+                if final:
+                    session.fail(job, last_error=_error_class_name(error), reason=reason)
+                else:
+                    session.record_error(
+                        job, delay=default_retry_delay(count), last_error=_error_class_name(error)
+                    )
         except LostSessionError:
             # The lock went with the lost session. Another worker may be working the job
             # now, so its row is left alone: the job is retried as it is.
@@ -589,6 +743,20 @@ class Worker:
             raise QueError(
                 f"could not record the error of job {job.job_id}; backing off"
             ) from failure
+        if final:
+            logger.error(
+                "%s: job %s %s failed for good (%s, attempt %d): %s",
+                self.name,
+                job.job_id,
+                job.job_class,
+                reason,
+                count,
+                _message(error),
+                exc_info=error,
+                extra={**extra, "error_count": count},
+            )
+            self._report(error, context)
+            return
         logger.error(
             "%s: job %s %s failed (error %d), retrying in %.0fs: %s",
             self.name,

@@ -4,6 +4,9 @@ command as ``tests.cli_handlers:registry`` (the repository root on ``PYTHONPATH`
 ``CLI::Noop``
     Does nothing: the job is completed.
 
+``CLI::Fail``
+    Raises at once; with max_attempts=1 it is failed for good at its first run.
+
 ``CLI::Block`` ``(token, release_within)``
     Records ``(token, 'started')`` in :data:`EVENTS` on a connection of its own, committed at
     once, then waits for a ``(token, 'release')`` row that the test inserts. It returns when
@@ -56,3 +59,9 @@ def block(job: JobContext, token: str, release_within: float) -> None:
                 time.sleep(0.02)
     finally:
         events.dispose()
+
+
+@registry.job("CLI::Fail", max_attempts=1)
+def fail(job: JobContext, *args: object) -> None:
+    """Fail for good at the first run."""
+    raise ValueError("always fails")

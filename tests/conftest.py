@@ -127,6 +127,8 @@ def engine(_migrated_engine: Engine) -> Iterator[Engine]:
     may be left behind."""
     with _migrated_engine.begin() as connection:
         connection.execute(text("DELETE FROM que_jobs"))
+        connection.execute(text("DELETE FROM que_failed_jobs"))
+        connection.execute(text("DELETE FROM que_job_runs"))
     yield _migrated_engine
     wait_for(
         lambda: advisory_lock_count(_migrated_engine) == 0,

@@ -373,7 +373,8 @@ def test_stats_table_and_json(engine: Engine, database_url: str) -> None:
 
     assert as_json.returncode == 0, as_json.stderr
     parsed: dict[str, Any] = json.loads(as_json.stdout)
-    assert set(parsed) == {"job_stats", "worker_states"}
+    assert set(parsed) == {"counts", "job_stats", "worker_states"}
+    assert parsed["counts"]["ready"] == 4 and parsed["counts"]["failed"] == 0
     counts = {(row["queue"], row["job_class"]): row["count"] for row in parsed["job_stats"]}
     assert counts == {("mail", "CLI::Mail"): 3, ("", "CLI::Report"): 1}
     assert parsed["worker_states"] == []
@@ -501,12 +502,20 @@ def test_a_second_signal_stops_at_once_leaving_the_job_intact(
     ]
     wait_no_lock(engine)
 
-    # The job is there to be worked again, here by an in-process worker.
+    # The job is there to be worked again, here by an in-process worker, which first counts
+    # the run the process cut short as a crash (a failed attempt, with Que's retry delay).
     worked: list[int] = []
 
     def record(job: JobContext, *args: object) -> None:
         worked.append(job.job_id)
 
+    assert Worker(engine, {"CLI::Block": record}).work_one()
+    assert worked == []
+    (row,) = job_rows(engine)
+    assert row["error_count"] == 1 and 0 < row["run_in"] <= 4
+    assert row["last_error"].startswith("sqlalchemy_que.JobCrashedError: ")
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE que_jobs SET run_at = now()"))
     assert Worker(engine, {"CLI::Block": record}).work_one()
     assert worked == [job_id]
     assert job_rows(engine) == []

@@ -304,6 +304,30 @@ def test_downgrade_refuses_while_jobs_exist(empty_engine: Engine) -> None:
         assert not table_exists(connection, "que_jobs")
 
 
+def test_downgrade_refuses_while_failed_jobs_exist(empty_engine: Engine) -> None:
+    sqlalchemy_que.migrate(empty_engine)
+    with empty_engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO que_failed_jobs (priority, run_at, job_id, job_class, args, "
+                "error_count, queue, reason) VALUES (100, now(), 1, 'A', '[]', 16, '', 'error')"
+            )
+        )
+    with pytest.raises(SchemaError, match=r"que_failed_jobs still holds 1 failed job\(s\)"):
+        downgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        assert recorded_revisions(connection) == [head_revision()]
+        assert table_exists(connection, "que_failed_jobs")
+        assert table_exists(connection, "que_job_runs")
+    with empty_engine.begin() as connection:
+        connection.execute(text("DELETE FROM que_failed_jobs"))
+    downgrade(empty_engine)
+    with empty_engine.connect() as connection:
+        assert not table_exists(connection, "que_failed_jobs")
+        assert not table_exists(connection, "que_job_runs")
+        assert not table_exists(connection, "que_jobs")
+
+
 def test_migrate_twice_changes_nothing_the_second_time(empty_engine: Engine) -> None:
     statements = captured_statements(empty_engine)
     sqlalchemy_que.migrate(empty_engine)

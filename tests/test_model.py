@@ -263,10 +263,12 @@ def test_model_declares_the_contract_table() -> None:
     assert isinstance(table, Table)
     assert table.metadata is sqlalchemy_que.metadata
     # que_jobs, and the library's own tables beside it (never the contract's).
-    assert list(sqlalchemy_que.metadata.tables) == [
+    assert sorted(sqlalchemy_que.metadata.tables) == [
+        "que_failed_jobs",
+        "que_job_runs",
         "que_jobs",
-        "sqlalchemy_que_unique_keys",
         "sqlalchemy_que_schedule_ticks",
+        "sqlalchemy_que_unique_keys",
     ]
     assert [column.name for column in table.columns] == [name for _, name, *_ in EXPECTED_COLUMNS]
     assert table.primary_key.name == "que_jobs_pkey"
@@ -351,6 +353,9 @@ def test_an_applications_autogenerate_keeps_que_jobs(migrated: Engine) -> None:
     # Without ours, autogenerate would drop our tables: listing both is what prevents it.
     assert sorted((diff[0], diff[1].name) for diff in app_only) == [
         ("add_table", "app_users"),
+        ("remove_index", "que_failed_jobs_failed_at"),
+        ("remove_table", "que_failed_jobs"),
+        ("remove_table", "que_job_runs"),
         ("remove_table", "que_jobs"),
         ("remove_table", "sqlalchemy_que_schedule_ticks"),
         ("remove_table", "sqlalchemy_que_unique_keys"),
