@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from ._hooks import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
 from ._pool import WorkerPool
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
@@ -40,8 +41,11 @@ __all__ = [
     "InvalidJobError",
     "JobContext",
     "JobDefinition",
+    "JobHook",
     "JobLock",
+    "JobOutcome",
     "JobRegistry",
+    "JobRun",
     "JobStats",
     "LockError",
     "LockedJob",
@@ -55,6 +59,7 @@ __all__ = [
     "WorkerError",
     "WorkerPool",
     "WorkerState",
+    "add_job_hook",
     "check_schema",
     "clear",
     "default_retry_delay",
@@ -69,6 +74,7 @@ __all__ = [
     "metadata",
     "migrate",
     "migrations_path",
+    "remove_job_hook",
     "schema_version",
     "version_location",
     "worker_states",
