@@ -16,6 +16,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from ._hooks import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
+from ._metrics import QueMetrics, install_metrics
 from ._pool import WorkerPool
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
@@ -52,6 +53,7 @@ __all__ = [
     "LostSessionError",
     "QueError",
     "QueJob",
+    "QueMetrics",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",
@@ -68,6 +70,7 @@ __all__ = [
     "insert_job",
     "insert_jobs",
     "insert_many",
+    "install_metrics",
     "job",
     "job_stats",
     "locked_job",

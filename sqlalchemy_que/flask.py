@@ -73,11 +73,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import click
-from flask import Flask, appcontext_pushed, current_app, has_app_context
+from flask import Flask, Response, appcontext_pushed, current_app, has_app_context
 from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
+from ._metrics import QueMetrics
 from ._pool import WorkerPool
 from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
 from .errors import QueError, WorkerError
@@ -171,6 +172,19 @@ class Que:
             # Flask-Migrate may be registered after us: wire it in when a context is pushed
             # (every `flask db` command pushes one before Alembic reads the arguments).
             appcontext_pushed.connect(_on_appcontext_pushed, app, weak=False)
+
+    def add_metrics_route(
+        self, metrics: QueMetrics, *, rule: str = "/metrics", app: Flask | None = None
+    ) -> None:
+        """Serve ``metrics`` (from :func:`~sqlalchemy_que.install_metrics`) in Prometheus'
+        text format at ``rule`` of the app, endpoint ``que_metrics``; the app's own
+        ``before_request`` checks (authentication) apply to it as to any view."""
+
+        def que_metrics() -> Response:
+            body, content_type = metrics.exposition()
+            return Response(body, content_type=content_type)
+
+        self._app(app).add_url_rule(rule, "que_metrics", que_metrics, methods=["GET"])
 
     def _config_handlers(self, value: object) -> JobRegistry | None:
         if value is None:
