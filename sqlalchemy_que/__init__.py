@@ -18,6 +18,7 @@ from importlib import metadata as _metadata
 from ._hooks import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
 from ._metrics import QueMetrics, install_metrics
 from ._pool import WorkerPool
+from ._tracing import QueTracing, install_tracing
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     ConfigurationError,
@@ -54,6 +55,7 @@ __all__ = [
     "QueError",
     "QueJob",
     "QueMetrics",
+    "QueTracing",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",
@@ -71,6 +73,7 @@ __all__ = [
     "insert_jobs",
     "insert_many",
     "install_metrics",
+    "install_tracing",
     "job",
     "job_stats",
     "locked_job",
