@@ -35,7 +35,7 @@ logger = logging.getLogger("sqlalchemy_que.hooks")
 Outcome = Literal["done", "failed", "interrupted"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class JobRun:
     """One run of a job, as hooks see it (the row as it was when the worker locked it)."""
 
@@ -62,7 +62,7 @@ class JobRun:
         return self.started_at - self.run_at.timestamp()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class JobOutcome:
     """How a run ended."""
 
@@ -92,6 +92,22 @@ class JobHook:
 #: The hooks added, in order; a tuple replaced whole, so that workers read it without a lock.
 active: tuple[Any, ...] = ()
 _lock = threading.Lock()
+#: The methods to call, hooks' no-op JobHook methods left out: (before, on_error, after), the
+#: last two in reverse order; replaced whole with ``active``.
+_methods: tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]] = ((), (), ())
+
+
+def _plan(hooks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+    def bound(name: str, order: Any) -> tuple[Any, ...]:
+        found = []
+        for hook in order:
+            method = getattr(hook, name, None)
+            if method is None or getattr(method, "__func__", None) is getattr(JobHook, name):
+                continue
+            found.append(method)
+        return tuple(found)
+
+    return bound("before", hooks), bound("on_error", hooks[::-1]), bound("after", hooks[::-1])
 
 
 def add_job_hook(hook: object) -> object:
@@ -103,26 +119,23 @@ def add_job_hook(hook: object) -> object:
     global active
     if not any(callable(getattr(hook, name, None)) for name in ("before", "on_error", "after")):
         raise TypeError(f"a job hook needs a before, on_error or after method, got {hook!r}")
+    global _methods
     with _lock:
         active = (*active, hook)
+        _methods = _plan(active)
     return hook
 
 
 def remove_job_hook(hook: object) -> None:
     """Remove a hook added with :func:`add_job_hook` (nothing happens if it was not added)."""
-    global active
+    global active, _methods
     with _lock:
         active = tuple(h for h in active if h is not hook)
+        _methods = _plan(active)
 
 
-def _call(hook: object, name: str, *args: object) -> None:
-    method = getattr(hook, name, None)
-    if method is None:
-        return
-    try:
-        method(*args)
-    except Exception:
-        logger.exception("job hook %r raised in %s; ignored", hook, name)
+def _failed(method: Any) -> None:
+    logger.exception("job hook %r raised; ignored", method)
 
 
 def begin(
@@ -147,15 +160,25 @@ def begin(
         worker=worker,
         started_at=time.time(),
     )
-    for hook in hooks:
-        _call(hook, "before", run)
+    for method in _methods[0]:
+        try:
+            method(run)
+        except Exception:
+            _failed(method)
     return run
 
 
 def end(hooks: tuple[Any, ...], run: JobRun, outcome: JobOutcome) -> None:
     """Call every hook's ``on_error`` (for a run that did not complete), then ``after``."""
+    _befores, errors, afters = _methods
     if outcome.outcome != "done":
-        for hook in reversed(hooks):
-            _call(hook, "on_error", run, outcome)
-    for hook in reversed(hooks):
-        _call(hook, "after", run, outcome)
+        for method in errors:
+            try:
+                method(run, outcome)
+            except Exception:
+                _failed(method)
+    for method in afters:
+        try:
+            method(run, outcome)
+        except Exception:
+            _failed(method)

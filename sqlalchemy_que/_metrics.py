@@ -8,6 +8,7 @@ at scrape time, costing the hot path nothing.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,9 @@ LEFT JOIN ({_JOB_LOCKS}) AS l ON l.job_id = j.job_id
 GROUP BY j.queue
 """
 )
+
+#: Runs noted before the hook counts them itself, between two scrapes.
+FLUSH_EVERY = 1000
 
 #: Run times of jobs, in seconds: from a millisecond to ten minutes.
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
@@ -81,7 +85,8 @@ class QueMetrics:
         self.registry = registry if registry is not None else prometheus.REGISTRY
         self.refresh_seconds = float(refresh_seconds)
         labels = ("queue", "job_class")
-        options: dict[str, Any] = {"registry": self.registry}
+        # Yielded by our collector, after it has counted the runs noted since the last scrape.
+        options: dict[str, Any] = {"registry": None}
         self.completed = prometheus.Counter(
             "que_jobs_completed", "Job runs that completed.", labels, **options
         )
@@ -106,6 +111,13 @@ class QueMetrics:
             **options,
         )
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
+        # Runs noted by the hook (queue, job_class, outcome, retry, duration, wait), counted
+        # into the metrics at scrape time or every FLUSH_EVERY runs: a deque's append is all
+        # a job pays, where the metrics' own locks would cost microseconds.
+        self._noted: collections.deque[tuple[str, str, str, int, float, float | None]] = (
+            collections.deque()
+        )
+        self._flush_lock = threading.Lock()
         self._workers: list[Any] = []
         self._lock = threading.Lock()
         self._refreshed_at = -float("inf")
@@ -130,6 +142,23 @@ class QueMetrics:
             )
             self._children[key] = children
         return children
+
+    def flush(self) -> None:
+        """Count the runs noted since the last flush into the counters and histograms."""
+        noted = self._noted
+        with self._flush_lock:
+            while True:
+                try:
+                    queue, job_class, outcome, retry, duration, wait = noted.popleft()
+                except IndexError:
+                    return
+                completed, failed, retried, run_seconds, wait_seconds = self._for(queue, job_class)
+                (completed if outcome == "done" else failed).inc()
+                if retry:
+                    retried.inc()
+                run_seconds.observe(duration)
+                if wait is not None:
+                    wait_seconds.observe(max(0.0, wait))
 
     # -- gauges --------------------------------------------------------------------------
 
@@ -179,35 +208,31 @@ class QueMetrics:
             self._server.server_close()
             self._server = None
         for collector in list(self.registry._collector_to_names):
-            if collector in (
-                self.completed,
-                self.failed,
-                self.retried,
-                self.run_seconds,
-                self.wait_seconds,
-            ) or (isinstance(collector, _Collector) and collector.metrics is self):
+            if isinstance(collector, _Collector) and collector.metrics is self:
                 self.registry.unregister(collector)
 
 
 class _Hook(_hooks.JobHook):
     def __init__(self, metrics: QueMetrics) -> None:
         self.metrics = metrics
+        self.noted = metrics._noted
 
     def after(self, run: _hooks.JobRun, outcome: _hooks.JobOutcome) -> None:
-        completed, failed, retried, run_seconds, wait_seconds = self.metrics._for(
-            run.queue, run.job_class
-        )
-        if outcome.outcome == "done":
-            completed.inc()
-        elif outcome.outcome == "failed":
-            failed.inc()
-        else:
+        if outcome.outcome == "interrupted":
             return
-        if run.error_count:
-            retried.inc()
-        run_seconds.observe(outcome.duration)
-        if run.run_at is not None:
-            wait_seconds.observe(max(0.0, run.started_at - run.run_at.timestamp()))
+        run_at = run.run_at
+        self.noted.append(
+            (
+                run.queue,
+                run.job_class,
+                outcome.outcome,
+                run.error_count,
+                outcome.duration,
+                None if run_at is None else run.started_at - run_at.timestamp(),
+            )
+        )
+        if len(self.noted) >= FLUSH_EVERY:
+            self.metrics.flush()
 
 
 class _Collector:
@@ -219,6 +244,17 @@ class _Collector:
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
+
+        metrics = self.metrics
+        metrics.flush()
+        for metric in (
+            metrics.completed,
+            metrics.failed,
+            metrics.retried,
+            metrics.run_seconds,
+            metrics.wait_seconds,
+        ):
+            yield from metric.collect()
 
         gauges = {
             name: GaugeMetricFamily(f"que_jobs_{name}", help_, labels=["queue"])
