@@ -8,7 +8,7 @@ at scrape time, costing the hot path nothing.
 
 from __future__ import annotations
 
-import collections
+import bisect
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -38,9 +38,6 @@ LEFT JOIN ({_JOB_LOCKS}) AS l ON l.job_id = j.job_id
 GROUP BY j.queue
 """
 )
-
-#: Runs noted before the hook counts them itself, between two scrapes.
-FLUSH_EVERY = 1000
 
 #: Run times of jobs, in seconds: from a millisecond to ten minutes.
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
@@ -84,40 +81,11 @@ class QueMetrics:
         self.engine = engine
         self.registry = registry if registry is not None else prometheus.REGISTRY
         self.refresh_seconds = float(refresh_seconds)
-        labels = ("queue", "job_class")
-        # Yielded by our collector, after it has counted the runs noted since the last scrape.
-        options: dict[str, Any] = {"registry": None}
-        self.completed = prometheus.Counter(
-            "que_jobs_completed", "Job runs that completed.", labels, **options
-        )
-        self.failed = prometheus.Counter(
-            "que_jobs_failed", "Job runs that failed (and were rescheduled).", labels, **options
-        )
-        self.retried = prometheus.Counter(
-            "que_jobs_retried", "Job runs that were retries (error_count > 0).", labels, **options
-        )
-        self.run_seconds = prometheus.Histogram(
-            "que_job_run_seconds",
-            "Seconds a job run took, handler and completion.",
-            labels,
-            buckets=RUN_BUCKETS,
-            **options,
-        )
-        self.wait_seconds = prometheus.Histogram(
-            "que_job_wait_seconds",
-            "Seconds from a job's run_at to the start of its run.",
-            labels,
-            buckets=WAIT_BUCKETS,
-            **options,
-        )
-        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
-        # Runs noted by the hook (queue, job_class, outcome, retry, duration, wait), counted
-        # into the metrics at scrape time or every FLUSH_EVERY runs: a deque's append is all
-        # a job pays, where the metrics' own locks would cost microseconds.
-        self._noted: collections.deque[tuple[str, str, str, int, float, float | None]] = (
-            collections.deque()
-        )
-        self._flush_lock = threading.Lock()
+        # Each worker thread counts its runs in a tally of its own (plain integers, no lock);
+        # a scrape adds the tallies up. Counting into prometheus_client's metrics directly
+        # (a lock and a bucket loop per observation) would cost a job microseconds.
+        self._local = threading.local()
+        self._tallies: list[dict[tuple[str, str], _Tally]] = []
         self._workers: list[Any] = []
         self._lock = threading.Lock()
         self._refreshed_at = -float("inf")
@@ -127,38 +95,25 @@ class QueMetrics:
         self.registry.register(_Collector(self))
         self._server: Any = None
 
-    # -- the job hook --------------------------------------------------------------------
+    def _tally(self) -> dict[tuple[str, str], _Tally]:
+        tally: dict[tuple[str, str], _Tally] = {}
+        self._local.tally = tally
+        with self._lock:
+            self._tallies.append(tally)  # kept when its thread ends: counters never go down
+        return tally
 
-    def _for(self, queue: str, job_class: str) -> tuple[Any, Any, Any, Any, Any]:
-        key = (queue, job_class)
-        children = self._children.get(key)
-        if children is None:
-            children = (
-                self.completed.labels(queue, job_class),
-                self.failed.labels(queue, job_class),
-                self.retried.labels(queue, job_class),
-                self.run_seconds.labels(queue, job_class),
-                self.wait_seconds.labels(queue, job_class),
-            )
-            self._children[key] = children
-        return children
-
-    def flush(self) -> None:
-        """Count the runs noted since the last flush into the counters and histograms."""
-        noted = self._noted
-        with self._flush_lock:
-            while True:
-                try:
-                    queue, job_class, outcome, retry, duration, wait = noted.popleft()
-                except IndexError:
-                    return
-                completed, failed, retried, run_seconds, wait_seconds = self._for(queue, job_class)
-                (completed if outcome == "done" else failed).inc()
-                if retry:
-                    retried.inc()
-                run_seconds.observe(duration)
-                if wait is not None:
-                    wait_seconds.observe(max(0.0, wait))
+    def totals(self) -> dict[tuple[str, str], _Tally]:
+        """Every thread's tallies added up, by (queue, job_class)."""
+        with self._lock:
+            tallies = list(self._tallies)
+        totals: dict[tuple[str, str], _Tally] = {}
+        for tally in tallies:
+            for key, counts in list(tally.items()):
+                total = totals.get(key)
+                if total is None:
+                    total = totals[key] = _Tally()
+                total.add(counts)
+        return totals
 
     # -- gauges --------------------------------------------------------------------------
 
@@ -212,27 +167,85 @@ class QueMetrics:
                 self.registry.unregister(collector)
 
 
+class _Tally:
+    """The runs of one (queue, job_class) counted by one thread."""
+
+    __slots__ = (
+        "completed",
+        "failed",
+        "retried",
+        "run_buckets",
+        "run_sum",
+        "wait_buckets",
+        "wait_sum",
+    )
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0
+        self.run_sum = 0.0
+        self.wait_sum = 0.0
+        self.run_buckets = [0] * (len(RUN_BUCKETS) + 1)  # the last one: above every bound
+        self.wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)
+
+    def add(self, other: _Tally) -> None:
+        self.completed += other.completed
+        self.failed += other.failed
+        self.retried += other.retried
+        self.run_sum += other.run_sum
+        self.wait_sum += other.wait_sum
+        self.run_buckets = [
+            a + b for a, b in zip(self.run_buckets, other.run_buckets, strict=False)
+        ]
+        self.wait_buckets = [
+            a + b for a, b in zip(self.wait_buckets, other.wait_buckets, strict=False)
+        ]
+
+
 class _Hook(_hooks.JobHook):
     def __init__(self, metrics: QueMetrics) -> None:
         self.metrics = metrics
-        self.noted = metrics._noted
+        self.local = metrics._local
 
     def after(self, run: _hooks.JobRun, outcome: _hooks.JobOutcome) -> None:
-        if outcome.outcome == "interrupted":
+        done = outcome.outcome
+        if done == "interrupted":
             return
+        try:
+            tally = self.local.tally
+        except AttributeError:
+            tally = self.metrics._tally()
+        key = (run.queue, run.job_class)
+        counts = tally.get(key)
+        if counts is None:
+            counts = tally[key] = _Tally()
+        if done == "done":
+            counts.completed += 1
+        else:
+            counts.failed += 1
+        if run.error_count:
+            counts.retried += 1
+        duration = outcome.duration
+        counts.run_sum += duration
+        counts.run_buckets[bisect.bisect_left(RUN_BUCKETS, duration)] += 1
         run_at = run.run_at
-        self.noted.append(
-            (
-                run.queue,
-                run.job_class,
-                outcome.outcome,
-                run.error_count,
-                outcome.duration,
-                None if run_at is None else run.started_at - run_at.timestamp(),
-            )
-        )
-        if len(self.noted) >= FLUSH_EVERY:
-            self.metrics.flush()
+        if run_at is not None:
+            wait = max(0.0, run.started_at - run_at.timestamp())
+            counts.wait_sum += wait
+            counts.wait_buckets[bisect.bisect_left(WAIT_BUCKETS, wait)] += 1
+
+
+def _histogram(
+    family: Any, labels: list[str], bounds: tuple[float, ...], counts: list[int], total: float
+) -> None:
+    from prometheus_client.utils import floatToGoString
+
+    cumulative, running = [], 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        running += count
+        cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+    family.add_metric(labels, cumulative, total)
 
 
 class _Collector:
@@ -243,18 +256,38 @@ class _Collector:
         return []  # gauges read at collect time; nothing to check for duplicates up front
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
-        metrics = self.metrics
-        metrics.flush()
-        for metric in (
-            metrics.completed,
-            metrics.failed,
-            metrics.retried,
-            metrics.run_seconds,
-            metrics.wait_seconds,
-        ):
-            yield from metric.collect()
+        names = ["queue", "job_class"]
+        completed = CounterMetricFamily(
+            "que_jobs_completed", "Job runs that completed.", labels=names
+        )
+        failed = CounterMetricFamily(
+            "que_jobs_failed", "Job runs that failed (and were rescheduled).", labels=names
+        )
+        retried = CounterMetricFamily(
+            "que_jobs_retried", "Job runs that were retries (error_count > 0).", labels=names
+        )
+        run_seconds = HistogramMetricFamily(
+            "que_job_run_seconds", "Seconds a job run took, handler and completion.", labels=names
+        )
+        wait_seconds = HistogramMetricFamily(
+            "que_job_wait_seconds",
+            "Seconds from a job's run_at to the start of its run.",
+            labels=names,
+        )
+        for (queue, job_class), total in sorted(self.metrics.totals().items()):
+            labels = [queue, job_class]
+            completed.add_metric(labels, total.completed)
+            failed.add_metric(labels, total.failed)
+            retried.add_metric(labels, total.retried)
+            _histogram(run_seconds, labels, RUN_BUCKETS, total.run_buckets, total.run_sum)
+            _histogram(wait_seconds, labels, WAIT_BUCKETS, total.wait_buckets, total.wait_sum)
+        yield from (completed, failed, retried, run_seconds, wait_seconds)
 
         gauges = {
             name: GaugeMetricFamily(f"que_jobs_{name}", help_, labels=["queue"])
