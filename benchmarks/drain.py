@@ -18,16 +18,18 @@ whose options this WorkerPool does not accept yet is skipped with a message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Engine
 
-from sqlalchemy_que import JobContext, WorkerPool
+from sqlalchemy_que import JobContext, WorkerPool, install_metrics
 
 from . import ceiling
 from .barrier import run_released
@@ -82,6 +84,8 @@ class Drain:
     processes: int = 0
     completion: str | None = None
     batch_size: int | None = None
+    #: With Prometheus metrics installed and scraped every second (threads only).
+    metrics: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
@@ -103,6 +107,7 @@ class Drain:
             [
                 f".{self.completion}" if self.completion is not None else "",
                 f".k{self.batch_size}" if self.batch_size is not None else "",
+                ".metrics" if self.metrics else "",
             ]
         )
         if self.processes:
@@ -116,7 +121,8 @@ class Drain:
         else:
             label = f"{self.workers} thread{'s' if self.workers > 1 else ''}, 1 process"
         options = ", ".join(f"{name}={value!r}" for name, value in self.options.items())
-        return f"{label}, {options}" if options else label
+        label = f"{label}, {options}" if options else label
+        return f"{label}, metrics on" if self.metrics else label
 
     @property
     def ceiling(self) -> str:
@@ -142,7 +148,9 @@ class Drain:
                 jobs=jobs,
                 options=self.options,
             )
-        return run_threads(database, workers=self.workers, jobs=jobs, options=self.options)
+        return run_threads(
+            database, workers=self.workers, jobs=jobs, options=self.options, metrics=self.metrics
+        )
 
 
 #: Our drains, one a line. Today's defaults first; then the per-job and batched completion
@@ -158,6 +166,9 @@ PLAN: tuple[Drain, ...] = (
     Drain(workers=4, completion="batch"),
     Drain(workers=8, completion="batch"),
     Drain(workers=4, processes=2, completion="batch"),
+    # The cost of monitoring: beside drain.threads.4 and drain.batch.threads.4.
+    Drain(workers=4, metrics=True),
+    Drain(workers=4, completion="batch", metrics=True),
 )
 
 
@@ -167,9 +178,11 @@ def run_threads(
     workers: int,
     jobs: int,
     options: Mapping[str, Any] | None = None,
+    metrics: bool = False,
 ) -> Run:
     """``jobs`` jobs worked by a burst WorkerPool of ``workers`` threads in this process
-    (``options``: further WorkerPool keyword arguments)."""
+    (``options``: further WorkerPool keyword arguments; ``metrics``: with Prometheus metrics
+    installed, in a registry of their own, and scraped every second while it works)."""
     options = dict(options or {})
     database.refill(jobs)
     engine = database.engine(pool_size=workers + 2)
@@ -178,10 +191,11 @@ def run_threads(
         pool = WorkerPool(
             engine, {JOB_CLASS: noop}, workers=workers, listen=False, check_schema=False, **options
         )
-        start = take(database.server_cpu)
-        pool.start(burst=True)
-        pool.join()
-        end = take_end(database.server_cpu)
+        with _monitored(engine, pool, metrics):
+            start = take(database.server_cpu)
+            pool.start(burst=True)
+            pool.join()
+            end = take_end(database.server_cpu)
     finally:
         engine.dispose()
     left = database.count()
@@ -191,6 +205,33 @@ def run_threads(
         (jobs - left) / (end.wall - start.wall),
         detail={"workers": workers, "jobs": jobs, "left_behind": left, "options": options},
     )
+
+
+@contextlib.contextmanager
+def _monitored(engine: Engine, pool: WorkerPool, metrics: bool) -> Iterator[None]:
+    """With ``metrics``: Prometheus metrics on the pool, scraped every second meanwhile."""
+    if not metrics:
+        yield
+        return
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    installed = install_metrics(engine, registry=CollectorRegistry(), workers=[pool])
+    done = threading.Event()
+
+    def scrape() -> None:
+        while True:
+            generate_latest(installed.registry)
+            if done.wait(1.0):
+                return
+
+    scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+    scraper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        scraper.join()
+        installed.close()
 
 
 def run_processes(

@@ -16,9 +16,12 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from . import _tables  # noqa: F401  # our tables join sqlalchemy_que.metadata
+from ._hooks import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
+from ._metrics import QueMetrics, install_metrics
 from ._pool import WorkerPool
 from ._schedule import Schedule, cron, every
 from ._scheduler import ScheduleState, schedule_states
+from ._tracing import QueTracing, install_tracing
 from .enqueue import enqueue, insert_job, insert_jobs, insert_many
 from .errors import (
     ConfigurationError,
@@ -53,9 +56,12 @@ __all__ = [
     "JobContext",
     "JobCrashedError",
     "JobDefinition",
+    "JobHook",
     "JobLock",
     "JobLockedError",
+    "JobOutcome",
     "JobRegistry",
+    "JobRun",
     "JobStats",
     "JobTimeoutError",
     "LockError",
@@ -63,6 +69,8 @@ __all__ = [
     "LostSessionError",
     "QueError",
     "QueJob",
+    "QueMetrics",
+    "QueTracing",
     "RetryJob",
     "Schedule",
     "ScheduleState",
@@ -73,6 +81,7 @@ __all__ = [
     "WorkerError",
     "WorkerPool",
     "WorkerState",
+    "add_job_hook",
     "check_schema",
     "clear",
     "cron",
@@ -83,12 +92,15 @@ __all__ = [
     "insert_job",
     "insert_jobs",
     "insert_many",
+    "install_metrics",
+    "install_tracing",
     "job",
     "job_stats",
     "locked_job",
     "metadata",
     "migrate",
     "migrations_path",
+    "remove_job_hook",
     "schedule_states",
     "schema_version",
     "version_location",

@@ -485,6 +485,17 @@ add_admin_commands(main, options=_database_option, engine_for=_engine_for)
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
+@click.option(
+    "--metrics-port",
+    envvar="QUE_METRICS_PORT",
+    show_envvar=True,
+    type=click.IntRange(min=1, max=65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (extra 'prometheus'; one process only).",
+)
+@click.option(
+    "--metrics-addr", default="127.0.0.1", show_default=True, help="Address for --metrics-port."
+)
 def worker(
     import_path: str,
     database_url: str | None,
@@ -499,9 +510,16 @@ def worker(
     listen: bool,
     log_level: str,
     log_format: str,
+    metrics_port: int | None,
+    metrics_addr: str,
 ) -> None:
     """Run a pool of workers for the handlers at IMPORT_PATH (module:attribute)."""
     _configure_logging(log_level, log_format)
+    if metrics_port is not None and processes > 1:
+        raise click.BadParameter(
+            f"--metrics-port serves one process; got --processes {processes}",
+            param_hint="--metrics-port",
+        )
     queues = parse_queues(queue_options or (os.environ.get("QUE_QUEUE", ""),))
     options: dict[str, Any] = {
         "queues": queues,
@@ -547,6 +565,10 @@ def worker(
                     burst=burst,
                 )
             )
+        if metrics_port is not None:
+            from ._metrics import install_metrics
+
+            install_metrics(engine, workers=[pool]).serve(metrics_port, metrics_addr)
         try:
             still_running = pool.run(burst=burst, shutdown_timeout=shutdown_timeout)
         finally:

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from . import _tracing
 from ._checks import (
     JobDefaults,
     check_job_class,
@@ -253,8 +254,11 @@ def insert_job(
     columns = tuple(name for name in _INSERT_ORDER if name in values)
     if wakeup is not None:
         values["channel"], values["payload"] = wakeup
-    row = bind.execute(_insert_statement(columns, notify=wakeup is not None), values).first()
-    assert row is not None  # INSERT ... RETURNING one row
+    with _tracing.enqueue_span(values.get("queue", ""), values["job_class"], 1) as span:
+        row = bind.execute(_insert_statement(columns, notify=wakeup is not None), values).first()
+        assert row is not None  # INSERT ... RETURNING one row
+        if span is not None:
+            span.set_attribute("messaging.message.id", str(row[0]))
     if isinstance(bind, Session | scoped_session) and ENQUEUED_KEY in bind.info:
         bind.info[ENQUEUED_KEY].append(int(row[0]))  # for the synchronous mode
     return int(row[0])
@@ -382,7 +386,9 @@ def insert_jobs(bind: Bind, jobs: Iterable[QueJob]) -> int:
         for row, queue, run_in in delayed:
             row[-1] = now + run_in
             _note_due(earliest, queue, row[-1])
-    _copy(connection, groups, earliest)
+    queue = next(iter(earliest)) if len(earliest) == 1 else ""
+    with _tracing.enqueue_span(queue, None, count):
+        _copy(connection, groups, earliest)
     return count
 
 
@@ -450,7 +456,8 @@ def insert_many(
     if delay is not None:
         due = _database_now(connection) + delay
         rows = [(*row[:-1], due) for row in rows]  # run_at is the last column
-    _copy(connection, {columns: rows}, {shared.get("queue", ""): due})
+    with _tracing.enqueue_span(shared.get("queue", ""), shared["job_class"], len(rows)):
+        _copy(connection, {columns: rows}, {shared.get("queue", ""): due})
     return len(rows)
 
 

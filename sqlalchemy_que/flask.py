@@ -82,7 +82,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import click
-from flask import Flask, appcontext_pushed, current_app, has_app_context
+from flask import Flask, Response, appcontext_pushed, current_app, has_app_context
 from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Engine
@@ -90,6 +90,7 @@ from sqlalchemy import Engine
 from . import schema
 from ._admin_cli import add_admin_commands
 from ._drain import DatabaseBind, DrainReport, drain_wrapped
+from ._metrics import QueMetrics
 from ._pool import WorkerPool
 from ._sync import OnError, SynchronousMode
 from .cli import (
@@ -220,6 +221,19 @@ class Que:
         # Its listeners sit on db.session's Session class, which outlives the app (a test
         # suite makes many): they go with the app.
         weakref.finalize(app, mode.stop)
+
+    def add_metrics_route(
+        self, metrics: QueMetrics, *, rule: str = "/metrics", app: Flask | None = None
+    ) -> None:
+        """Serve ``metrics`` (from :func:`~sqlalchemy_que.install_metrics`) in Prometheus'
+        text format at ``rule`` of the app, endpoint ``que_metrics``; the app's own
+        ``before_request`` checks (authentication) apply to it as to any view."""
+
+        def que_metrics() -> Response:
+            body, content_type = metrics.exposition()
+            return Response(body, content_type=content_type)
+
+        self._app(app).add_url_rule(rule, "que_metrics", que_metrics, methods=["GET"])
 
     def _config_handlers(self, value: object) -> JobRegistry | None:
         if value is None:

@@ -50,6 +50,7 @@ import psycopg
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
+from . import _hooks
 from ._session import LockedJob, LockedSession, LostSessionError, StatementFailedError
 from .errors import (
     FailJob,
@@ -506,6 +507,48 @@ class Worker:
 
     def _run(self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]) -> None:
         """Run the job's handler and complete or fail the job."""
+        hooks = _hooks.active
+        if hooks:
+            self._run_hooked(hooks, session, job, buffered)
+        else:
+            self._run_job(session, job, buffered)
+
+    def _run_hooked(
+        self,
+        hooks: tuple[Any, ...],
+        session: LockedSession,
+        job: LockedJob,
+        buffered: list[LockedJob],
+    ) -> None:
+        run = _hooks.begin(
+            hooks,
+            self.name,
+            job_id=job.job_id,
+            job_class=job.job_class,
+            queue=job.queue,
+            priority=job.priority,
+            run_at=job.run_at,
+            error_count=job.error_count,
+        )
+        started = time.perf_counter()
+        try:
+            failure = self._run_job(session, job, buffered)
+        except BaseException as error:
+            outcome = _hooks.JobOutcome("interrupted", time.perf_counter() - started, error)
+            _hooks.end(hooks, run, outcome)
+            raise
+        if failure is None:
+            outcome = _hooks.JobOutcome("done", time.perf_counter() - started)
+        else:
+            duration = time.perf_counter() - started
+            outcome = _hooks.JobOutcome("failed", duration, failure[0], failure[1])
+        _hooks.end(hooks, run, outcome)
+
+    def _run_job(
+        self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]
+    ) -> tuple[Exception, float | None] | None:
+        """Run the job's handler and complete or fail the job; returns the error and the
+        retry delay of a failure (None: failed for good)."""
         definition = self.registry.get(job.job_class)
         started = time.perf_counter()
         context: JobContext | None = None
@@ -516,8 +559,7 @@ class Worker:
                 "an outcome; its worker process died (killed, out of memory, os._exit) or "
                 "lost its connection"
             )
-            self._fail(session, job, definition, error, None, started, reason="crash")
-            return
+            return error, self._fail(session, job, definition, error, None, started, reason="crash")
         timeout = self.timeout
         if definition is not None and definition.timeout is not None:
             timeout = definition.timeout
@@ -561,8 +603,7 @@ class Worker:
                 with contextlib.suppress(Exception):
                     context._finish_session(keep=False)
                 error = self._classify(error, context, timeout)
-            self._fail(session, job, definition, error, context, started)
-            return
+            return error, self._fail(session, job, definition, error, context, started)
         except BaseException:
             # KeyboardInterrupt, SystemExit...: leave the row as it was and let go of it.
             if context is not None:
@@ -586,8 +627,7 @@ class Worker:
             # job's error, as if the handler had raised it.
             cause = error.__cause__
             failure = cause if isinstance(cause, Exception) else error
-            self._fail(session, job, definition, failure, context, started)
-            return
+            return failure, self._fail(session, job, definition, failure, context, started)
         elapsed = time.perf_counter() - started
         self._job_seconds = (
             elapsed if not self._job_seconds else (0.8 * self._job_seconds + 0.2 * elapsed)
@@ -601,6 +641,7 @@ class Worker:
                 elapsed * 1000,
                 extra={**self._extra(job, started), "outcome": "done"},
             )
+        return None
 
     def _extra(self, job: LockedJob, started: float) -> dict[str, Any]:
         return {
@@ -682,7 +723,9 @@ class Worker:
         started: float,
         *,
         reason: str = "error",
-    ) -> None:
+    ) -> float | None:
+        """Record the failure (a retry, or the job failed for good); return the retry delay,
+        None when the job will not run again."""
         self.failed += 1
         count = job.error_count + 1
         if isinstance(error, FailJob):
@@ -756,7 +799,7 @@ class Worker:
                 extra={**extra, "error_count": count},
             )
             self._report(error, context)
-            return
+            return None
         logger.error(
             "%s: job %s %s failed (error %d), retrying in %.0fs: %s",
             self.name,
@@ -769,6 +812,7 @@ class Worker:
             extra={**extra, "error_count": count},
         )
         self._report(error, context)
+        return delay
 
     def _report(self, error: Exception, context: JobContext | None) -> None:
         if self.on_error is not None and context is not None:

@@ -1,0 +1,184 @@
+"""Job hooks: code that wraps every job run of every worker of the process.
+
+A hook is an object with any of three methods, each optional::
+
+    class Timing(sqlalchemy_que.JobHook):
+        def before(self, run: JobRun) -> None: ...
+        def on_error(self, run: JobRun, outcome: JobOutcome) -> None: ...
+        def after(self, run: JobRun, outcome: JobOutcome) -> None: ...
+
+``before`` is called once the job is locked, just before its handler; ``after`` once the job
+is completed or its failure recorded (``on_error`` first, for a failure). Hooks run in the
+order added (``after`` and ``on_error`` in reverse, as middleware unwinds). What a hook
+raises is logged and ignored: a hook can never fail a job or stop a worker.
+
+The worker calls :func:`begin` and :func:`end` around a run, which an asynchronous worker can
+call around an ``await`` just the same; with no hook added, the worker calls neither (one
+test of a module global per job).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["JobHook", "JobOutcome", "JobRun", "add_job_hook", "remove_job_hook"]
+
+logger = logging.getLogger("sqlalchemy_que.hooks")
+
+#: How a run ended: completed (``"done"``), failed and rescheduled (``"failed"``), or cut short
+#: by KeyboardInterrupt/SystemExit and released untouched (``"interrupted"``).
+Outcome = Literal["done", "failed", "interrupted"]
+
+
+@dataclass(slots=True)
+class JobRun:
+    """One run of a job, as hooks see it (the row as it was when the worker locked it)."""
+
+    job_id: int
+    job_class: str
+    queue: str
+    priority: int
+    #: None only for a row whose ``run_at`` no Python datetime can hold.
+    run_at: datetime.datetime | None
+    #: The failures before this run: above 0, this run is a retry.
+    error_count: int
+    #: The name of the worker running it.
+    worker: str
+    #: Wall-clock time (``time.time()``) when the run started.
+    started_at: float
+    #: Where a hook may keep what it needs from ``before`` to ``after`` (a span, a timer).
+    state: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def wait_seconds(self) -> float | None:
+        """Seconds from the job's ``run_at`` to the start of this run (None if unknown)."""
+        if self.run_at is None:
+            return None
+        return self.started_at - self.run_at.timestamp()
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """How a run ended."""
+
+    outcome: Outcome
+    #: Seconds from the start of the handler to the end of the completion or failure record.
+    duration: float
+    #: What the handler (or the completing statement) raised, for ``"failed"`` and
+    #: ``"interrupted"``.
+    error: BaseException | None = None
+    #: For ``"failed"``: seconds until the job runs again.
+    retry_in: float | None = None
+
+
+class JobHook:
+    """A base class for hooks: every method does nothing; override the ones you need."""
+
+    def before(self, run: JobRun) -> None:
+        """Called before the job's handler runs."""
+
+    def on_error(self, run: JobRun, outcome: JobOutcome) -> None:
+        """Called when the run failed or was interrupted, before :meth:`after`."""
+
+    def after(self, run: JobRun, outcome: JobOutcome) -> None:
+        """Called after every run, whatever its outcome."""
+
+
+#: The hooks added, in order; a tuple replaced whole, so that workers read it without a lock.
+active: tuple[Any, ...] = ()
+_lock = threading.Lock()
+#: The methods to call, hooks' no-op JobHook methods left out: (before, on_error, after), the
+#: last two in reverse order; replaced whole with ``active``.
+_methods: tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]] = ((), (), ())
+
+
+def _plan(hooks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+    def bound(name: str, order: Any) -> tuple[Any, ...]:
+        found = []
+        for hook in order:
+            method = getattr(hook, name, None)
+            if method is None or getattr(method, "__func__", None) is getattr(JobHook, name):
+                continue
+            found.append(method)
+        return tuple(found)
+
+    return bound("before", hooks), bound("on_error", hooks[::-1]), bound("after", hooks[::-1])
+
+
+def add_job_hook(hook: object) -> object:
+    """Add a hook to every job run of this process's workers; returns the hook.
+
+    :param hook: an object with any of ``before(run)``, ``on_error(run, outcome)`` and
+        ``after(run, outcome)`` (a :class:`JobHook` subclass, for instance).
+    """
+    global active
+    if not any(callable(getattr(hook, name, None)) for name in ("before", "on_error", "after")):
+        raise TypeError(f"a job hook needs a before, on_error or after method, got {hook!r}")
+    global _methods
+    with _lock:
+        active = (*active, hook)
+        _methods = _plan(active)
+    return hook
+
+
+def remove_job_hook(hook: object) -> None:
+    """Remove a hook added with :func:`add_job_hook` (nothing happens if it was not added)."""
+    global active, _methods
+    with _lock:
+        active = tuple(h for h in active if h is not hook)
+        _methods = _plan(active)
+
+
+def _failed(method: Any) -> None:
+    logger.exception("job hook %r raised; ignored", method)
+
+
+def begin(
+    hooks: tuple[Any, ...],
+    worker: str,
+    *,
+    job_id: int,
+    job_class: str,
+    queue: str,
+    priority: int,
+    run_at: datetime.datetime | None,
+    error_count: int,
+) -> JobRun:
+    """Call every hook's ``before``; returns the run to give to :func:`end`."""
+    run = JobRun(
+        job_id=job_id,
+        job_class=job_class,
+        queue=queue,
+        priority=priority,
+        run_at=run_at,
+        error_count=error_count,
+        worker=worker,
+        started_at=time.time(),
+    )
+    for method in _methods[0]:
+        try:
+            method(run)
+        except Exception:
+            _failed(method)
+    return run
+
+
+def end(hooks: tuple[Any, ...], run: JobRun, outcome: JobOutcome) -> None:
+    """Call every hook's ``on_error`` (for a run that did not complete), then ``after``."""
+    _befores, errors, afters = _methods
+    if outcome.outcome != "done":
+        for method in errors:
+            try:
+                method(run, outcome)
+            except Exception:
+                _failed(method)
+    for method in afters:
+        try:
+            method(run, outcome)
+        except Exception:
+            _failed(method)
