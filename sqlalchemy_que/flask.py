@@ -439,7 +439,7 @@ def stats_command(as_json: bool, watch: float | None) -> None:
         while True:
             if watch is not None and not as_json:
                 click.clear()
-            _print_stats(state.db.engine, as_json)
+            _print_stats(state.db.engine, as_json, compact=watch is not None)
             if watch is None:
                 break
             time.sleep(watch)
