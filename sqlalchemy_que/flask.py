@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import time
 import weakref
@@ -78,8 +79,14 @@ from flask.cli import AppGroup
 from flask_sqlalchemy import SQLAlchemy
 
 from . import schema
-from ._pool import WorkerPool
-from .cli import _explained, _print_stats, exit_if_jobs_still_running, load_handlers
+from ._pool import WorkerPool, _pool_capacity
+from .cli import (
+    _configure_logging,
+    _explained,
+    _print_stats,
+    exit_if_jobs_still_running,
+    load_handlers,
+)
 from .errors import QueError, WorkerError
 from .jobs import JobContext, JobRegistry
 from .worker import ErrorReporter, Handlers
@@ -243,6 +250,16 @@ class Que:
             )
         with app.app_context():
             engine = state.db.engine
+        worker_count = state.workers if workers is None else workers
+        if _pool_capacity(engine) < worker_count:
+            raise WorkerError(
+                f"the app's connection pool ({engine.pool.status()}) hands out fewer "
+                f"connections than the {worker_count} workers hold while they run: set "
+                f'SQLALCHEMY_ENGINE_OPTIONS = {{"pool_size": {worker_count}}} (plus what the '
+                "rest of the process needs), or use fewer workers"
+            )
+        if on_error is not None:
+            on_error = _reporter_in_app_context(app, on_error)
         registry = JobRegistry()
         registry.add(
             *(
@@ -256,7 +273,7 @@ class Que:
             engine,
             registry,
             queue=state.queue if queue is None else queue,
-            workers=state.workers if workers is None else workers,
+            workers=worker_count,
             wake_interval=state.wake_interval if wake_interval is None else wake_interval,
             on_error=on_error,
             listen=state.listen if listen is None else listen,
@@ -286,6 +303,17 @@ def _in_app_context(
         return result
 
     return run_in_app_context
+
+
+def _reporter_in_app_context(app: Flask, on_error: ErrorReporter) -> ErrorReporter:
+    """Run the error reporter in an application context (reporters use ``current_app``)."""
+
+    @functools.wraps(on_error)
+    def report_in_app_context(error: BaseException, job: JobContext) -> object:
+        with app.app_context():
+            return on_error(error, job)
+
+    return report_in_app_context
 
 
 def _exclude_our_tables_from_flask_migrate(app: Flask) -> bool:
@@ -417,6 +445,10 @@ def worker_command(
     Exit status 3 when jobs were still running after the shutdown timeout.
     """
     que, state = _current()
+    if not logging.getLogger().handlers:
+        # The app configured no logging: say what the workers do on stderr, as
+        # `sqlalchemy-que worker` does.
+        _configure_logging("info", "text")
     with _explained():
         pool = que.worker_pool(
             queue=queue, workers=workers, wake_interval=wake_interval, listen=listen
