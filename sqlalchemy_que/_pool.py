@@ -50,6 +50,14 @@ __all__ = ["WorkerPool"]
 logger = logging.getLogger("sqlalchemy_que.worker")
 
 
+class _StoppedWhileStarting(BaseException):
+    """Raised by the signal handler of :meth:`WorkerPool.run` while the pool starts."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def _pool_capacity(engine: Engine) -> float:
     pool = engine.pool
     if isinstance(pool, QueuePool):
@@ -287,10 +295,18 @@ class WorkerPool:
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker threads to end; True when all have ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in self._threads:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            thread.join(remaining)
-        if self.is_alive():
+        for worker, thread in zip(self.workers, self._threads, strict=False):
+            # A stopped worker still waiting for a connection holds nothing: not worth
+            # waiting for (a silent server could keep it there for its connect timeout).
+            while thread.is_alive() and not (worker.stopping and worker.connecting):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                thread.join(0.05 if remaining is None else min(0.05, remaining))
+        if any(
+            thread.is_alive() and not (worker.stopping and worker.connecting)
+            for worker, thread in zip(self.workers, self._threads, strict=False)
+        ):
             return False
         if self.listener is not None:
             self.listener.stop()  # nobody left to wake
@@ -346,9 +362,14 @@ class WorkerPool:
         """
         stop = threading.Event()
         received: list[int] = []
+        starting = [True]
 
         def on_signal(signum: int, frame: object) -> None:
             received.append(signum)
+            if starting[0]:
+                # Still checking the Engine (a silent server can keep that waiting for its
+                # connect timeout): nothing is locked yet, so stop now.
+                raise _StoppedWhileStarting(signum)
             if len(received) > 1:
                 logger.warning("second signal (%s): stopping at once", signal.Signals(signum).name)
                 os._exit(128 + signum)
@@ -364,7 +385,15 @@ class WorkerPool:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
-            self.start(burst=burst)
+            try:
+                self.start(burst=burst)
+            except _StoppedWhileStarting as stopped:
+                logger.info(
+                    "%s received while starting: stopped", signal.Signals(stopped.signum).name
+                )
+                return self.shutdown(shutdown_timeout)
+            finally:
+                starting[0] = False
             while self.is_alive() and not stop.wait(0.1):
                 pass
             return self.shutdown(shutdown_timeout)

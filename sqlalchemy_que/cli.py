@@ -93,6 +93,10 @@ def load_handlers(import_path: str) -> JobRegistry:
     module_name, _, attribute = import_path.partition(":")
     if not module_name or not attribute:
         raise QueError(f"the handlers path {import_path!r} must look like 'package.module:name'")
+    # As Celery, RQ, gunicorn and uvicorn do: the project the command runs from is importable
+    # (a console script's sys.path starts with its own folder, not the current directory).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -115,11 +119,26 @@ def load_handlers(import_path: str) -> JobRegistry:
     )
 
 
+#: Seconds the library's own connections wait for a server to answer, unless the URL's query
+#: or ``connect_args`` give ``connect_timeout``.
+DEFAULT_CONNECT_TIMEOUT = 10
+
+
+def with_connect_timeout(url: URL, options: dict[str, Any]) -> dict[str, Any]:
+    """``create_engine`` options giving ``connect_timeout`` its default, unless the URL or
+    the options' ``connect_args`` already set it."""
+    connect_args = dict(options.get("connect_args") or {})
+    if "connect_timeout" not in url.query and "connect_timeout" not in connect_args:
+        connect_args["connect_timeout"] = DEFAULT_CONNECT_TIMEOUT
+    return {**options, "connect_args": connect_args}
+
+
 def _engine(url: str | None, **options: Any) -> Engine:
     if not url:
         raise QueError("no database URL: pass --database-url or set DATABASE_URL")
     try:
-        return create_engine(normalise_database_url(url), **options)
+        parsed = normalise_database_url(url)
+        return create_engine(parsed, **with_connect_timeout(parsed, options))
     except (ArgumentError, NoSuchModuleError) as error:
         raise QueError(f"cannot use the database URL: {error}") from None
 
@@ -223,7 +242,7 @@ def check(database_url: str | None) -> None:
     click.echo("ok: que_jobs is a Que 0.x schema version 3 table, migrations at head")
 
 
-def _print_stats(engine: Engine, as_json: bool) -> None:
+def _print_stats(engine: Engine, as_json: bool, *, compact: bool = False) -> None:
     job_stats = stats.job_stats(engine)
     states = stats.worker_states(engine)
     counts = admin.counts(engine)
@@ -240,7 +259,9 @@ def _print_stats(engine: Engine, as_json: bool) -> None:
                     ],
                 },
                 default=_json_default,
-                indent=2,
+                # --watch prints one object a line, for line-by-line readers (jq, log shippers).
+                indent=None if compact else 2,
+                separators=(",", ":") if compact else None,
             )
         )
         return
@@ -288,7 +309,7 @@ def stats_command(database_url: str | None, as_json: bool, watch: float | None) 
             while True:
                 if watch is not None and not as_json:
                     click.clear()
-                _print_stats(engine, as_json)
+                _print_stats(engine, as_json, compact=watch is not None)
                 if watch is None:
                     break
                 time.sleep(watch)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import URL
 
 from . import schema
 from ._pool import WorkerPool
+from .cli import normalise_database_url, with_connect_timeout
 from .enqueue import enqueue, insert_jobs
 from .jobs import JobContext, JobRegistry
 from .model import QueJob
@@ -157,7 +158,7 @@ def _database(url: URL | None, echo: Callable[[str], object]) -> Iterator[tuple[
 
 
 def run_demo(
-    url: URL | None,
+    url: URL | str | None,
     *,
     jobs: int = 300,
     workers: int = 4,
@@ -166,12 +167,15 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo; return what it did.
 
-    :param url: the database to use; None starts a throwaway PostgreSQL.
+    :param url: the database to use (``postgresql://`` URLs get the psycopg 3 driver); None
+        starts a throwaway PostgreSQL.
     :param jobs: how many sample jobs to enqueue.
     :param workers: worker threads per queue.
     :param echo: where progress lines go.
     :param timeout: give up (and clean up) after this many seconds.
     """
+    if url is not None:
+        url = normalise_database_url(url.render_as_string(False) if isinstance(url, URL) else url)
     result = DemoResult(jobs=jobs)
     lock = threading.Lock()
     # The demo's failures are on purpose and counted on screen: keep their tracebacks quiet.
@@ -182,7 +186,13 @@ def run_demo(
     with _database(url, echo) as (database, throwaway):
         suffix = "" if throwaway else f"-{uuid.uuid4().hex[:8]}"
         queues = (f"demo{suffix}", f"demo-mail{suffix}")
-        engine = create_engine(database, pool_size=2 * workers + 2, pool_pre_ping=True)
+        database_url = normalise_database_url(database) if isinstance(database, str) else database
+        engine = create_engine(
+            database_url,
+            **with_connect_timeout(
+                database_url, {"pool_size": 2 * workers + 2, "pool_pre_ping": True}
+            ),
+        )
         pools: list[WorkerPool] = []
         try:
             schema.migrate(engine)

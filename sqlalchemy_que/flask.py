@@ -75,6 +75,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import time
 import weakref
@@ -91,9 +92,10 @@ from . import schema
 from ._admin_cli import add_admin_commands
 from ._drain import DatabaseBind, DrainReport, drain_wrapped
 from ._metrics import QueMetrics
-from ._pool import WorkerPool
+from ._pool import WorkerPool, _pool_capacity
 from ._sync import OnError, SynchronousMode
 from .cli import (
+    _configure_logging,
     _explained,
     _print_stats,
     exit_if_jobs_failed,
@@ -306,6 +308,16 @@ class Que:
             )
         with app.app_context():
             engine = state.db.engine
+        worker_count = state.workers if workers is None else workers
+        if _pool_capacity(engine) < worker_count:
+            raise WorkerError(
+                f"the app's connection pool ({engine.pool.status()}) hands out fewer "
+                f"connections than the {worker_count} workers hold while they run: set "
+                f'SQLALCHEMY_ENGINE_OPTIONS = {{"pool_size": {worker_count}}} (plus what the '
+                "rest of the process needs), or use fewer workers"
+            )
+        if on_error is not None:
+            on_error = _reporter_in_app_context(app, on_error)
         registry = JobRegistry()
         registry.add(
             *(
@@ -321,7 +333,7 @@ class Que:
             engine,
             registry,
             queue=state.queue if queue is None else queue,
-            workers=state.workers if workers is None else workers,
+            workers=worker_count,
             wake_interval=state.wake_interval if wake_interval is None else wake_interval,
             on_error=on_error,
             listen=state.listen if listen is None else listen,
@@ -379,6 +391,17 @@ def _in_app_context(
         return result
 
     return run_in_app_context
+
+
+def _reporter_in_app_context(app: Flask, on_error: ErrorReporter) -> ErrorReporter:
+    """Run the error reporter in an application context (reporters use ``current_app``)."""
+
+    @functools.wraps(on_error)
+    def report_in_app_context(error: BaseException, job: JobContext) -> object:
+        with app.app_context():
+            return on_error(error, job)
+
+    return report_in_app_context
 
 
 def _exclude_our_tables_from_flask_migrate(app: Flask) -> bool:
@@ -527,6 +550,10 @@ def worker_command(
     4 when any job failed.
     """
     que, state = _current()
+    if not logging.getLogger().handlers:
+        # The app configured no logging: say what the workers do on stderr, as
+        # `sqlalchemy-que worker` does.
+        _configure_logging("info", "text")
     with _explained():
         pool = que.worker_pool(
             queue=queue, workers=workers, wake_interval=wake_interval, listen=listen
@@ -550,7 +577,7 @@ def stats_command(as_json: bool, watch: float | None) -> None:
         while True:
             if watch is not None and not as_json:
                 click.clear()
-            _print_stats(state.db.engine, as_json)
+            _print_stats(state.db.engine, as_json, compact=watch is not None)
             if watch is None:
                 break
             time.sleep(watch)

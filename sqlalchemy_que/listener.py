@@ -71,6 +71,7 @@ class Listener:
         self._timers: list[tuple[float, str]] = []  # a heap of (monotonic time, queue)
         self._connection: psycopg.Connection[Any] | None = None
         self.connected = threading.Event()
+        self._connecting = False
         #: How many notifications arrived (for tests and monitoring).
         self.received = 0
 
@@ -87,8 +88,16 @@ class Listener:
 
     def stop(self, timeout: float | None = None) -> None:
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Not waiting for a connection being opened: it holds nothing (and a silent server
+        # keeps it waiting for its connect timeout).
+        while self._thread.is_alive() and not self._connecting:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            self._thread.join(0.05 if remaining is None else min(0.05, remaining))
 
     def _connect(self) -> psycopg.Connection[Any]:
         # A connection made exactly as the Engine makes them (its URL, connect_args,
@@ -119,6 +128,7 @@ class Listener:
     def _run(self) -> None:
         backoff = 0.0
         while not self._stopping.is_set():
+            self._connecting = True
             try:
                 self._connection = self._connect()
             except Exception as error:  # the driver's, or the pool's (a timeout)
@@ -131,6 +141,8 @@ class Listener:
                 )
                 self._stopping.wait(backoff)
                 continue
+            finally:
+                self._connecting = False
             if backoff:
                 logger.info("listening again for queue(s) %s", list(self.queues))
             backoff = 0.0

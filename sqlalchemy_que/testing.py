@@ -423,6 +423,9 @@ def test_database_url() -> Iterator[str]:
     """
     url = os.environ.get("QUE_TEST_DATABASE_URL")
     if url:
+        scheme, separator, rest = url.partition("://")
+        if separator and scheme in ("postgres", "postgresql"):
+            url = f"postgresql+psycopg://{rest}"  # psycopg 3, as everywhere in the library
         yield url
         return
     if _source(None) == "auto" and _docker_answers():

@@ -288,6 +288,8 @@ class Worker:
         self._job_seconds = 0.0  # a moving average of one job's run time
         self._ramp = 1  # the batch size to ask for next, before the slow-job cap
         self.sleeping = False
+        #: True while the worker waits for a connection (it holds no job meanwhile).
+        self.connecting = False
 
     @property
     def queue(self) -> str:
@@ -355,7 +357,13 @@ class Worker:
             while not self._stopping.is_set():
                 try:
                     if not session.checked_out:
-                        session.checkout()
+                        self.connecting = True
+                        try:
+                            session.checkout()
+                        finally:
+                            self.connecting = False
+                        if self._stopping.is_set():
+                            break
                     count = self._work_batch(session)
                 except Exception as error:
                     session.discard()  # its session, and any lock on it, end with it

@@ -104,21 +104,16 @@ def advisory_lock_count(engine: Engine) -> int:
         return int(connection.execute(_ADVISORY_LOCKS).scalar_one())
 
 
-def _library_threads() -> list[str]:
-    return [
-        thread.name
-        for thread in threading.enumerate()
-        if thread.name.startswith(("que-worker-", "que-listener-", "que-scheduler"))
-    ]
-
-
 @pytest.fixture(autouse=True)
-def _no_worker_threads_left() -> Iterator[None]:
-    """Every test stops the workers, listeners and schedulers it starts."""
+def _no_threads_left() -> Iterator[None]:
+    """Every test ends the threads it starts (workers, listeners, and any other)."""
+    before = set(threading.enumerate())
     yield
-    wait_for(
-        lambda: not _library_threads(), message="worker, listener and scheduler threads to end"
-    )
+
+    def left() -> list[str]:
+        return [thread.name for thread in threading.enumerate() if thread not in before]
+
+    wait_for(lambda: not left(), message="the threads the test started to end")
 
 
 @pytest.fixture

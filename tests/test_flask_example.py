@@ -263,10 +263,71 @@ def test_flask_que_worker_explains_a_pool_too_small(database_url: str, engine: E
     try:
         result = app.test_cli_runner().invoke(args=["que", "worker", "--burst", "--workers", "3"])
         assert result.exit_code == 1
-        assert "pool_size=3" in result.output
+        assert 'SQLALCHEMY_ENGINE_OPTIONS = {"pool_size": 3}' in result.output
+        assert "create_engine" not in result.output  # a Flask app does not call it
     finally:
         with app.app_context():
             db.engine.dispose()
+
+
+def test_the_error_reporter_runs_in_the_app_context(app: flask.Flask, engine: Engine) -> None:
+    reported: list[tuple[str, str]] = []
+
+    def reporter(error: BaseException, job: JobContext) -> None:
+        reported.append((flask.current_app.name, type(error).__name__))
+
+    add_job(engine, "NoSuchJob")
+    (worker,) = que.worker_pool(app=app, workers=1, on_error=reporter).workers
+    assert worker.work_one() is True
+    assert reported == [(app.name, "UnknownJobClassError")]
+
+
+def test_flask_que_worker_logs_to_stderr_when_the_app_configured_no_logging(
+    database_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    (tmp_path / "plainapp.py").write_text(
+        textwrap.dedent(
+            f"""
+            from flask import Flask
+            from flask_sqlalchemy import SQLAlchemy
+            from sqlalchemy_que import JobRegistry
+            from sqlalchemy_que.flask import Que
+
+            jobs = JobRegistry()
+
+            @jobs.job("Plain::Noop")
+            def noop(job):
+                pass
+
+            db = SQLAlchemy()
+            app = Flask("plainapp")
+            app.config["SQLALCHEMY_DATABASE_URI"] = {database_url!r}
+            db.init_app(app)
+            Que(app, db=db, handlers=jobs)
+            """
+        )
+    )
+    add_job(engine, "Plain::Noop")
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("flask")),
+            "--app",
+            "plainapp",
+            "que",
+            "worker",
+            "--burst",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Plain::Noop done in" in result.stderr, result.stderr
+    assert job_rows(engine) == []
 
 
 # -- configuration ---------------------------------------------------------------------------
