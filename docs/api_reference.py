@@ -38,6 +38,7 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
     ("sqlalchemy_que.demo", "Demo (sqlalchemy_que.demo)", ["run_demo", "DemoResult"]),
     ("sqlalchemy_que.testing", "Testing (sqlalchemy_que.testing)", None),
     ("sqlalchemy_que.flask", "Flask (sqlalchemy_que.flask)", None),
+    ("sqlalchemy_que.asyncio", "asyncio (sqlalchemy_que.asyncio)", None),
 ]
 
 
