@@ -310,3 +310,22 @@ def test_type_checkers_see_the_async_insert_arguments(tmp_path: Path) -> None:
     ), result.stdout + result.stderr
     [error] = lines
     assert '"str"' in error and '"int"' in error and error.endswith("[arg-type]"), error
+
+
+def test_a_rolled_back_savepoint_of_an_async_session_does_not_silence_later_wakeups(
+    engine: Engine, async_engine: AsyncEngine, listen: Any
+) -> None:
+    received = listen("")
+
+    async def main() -> None:
+        async with AsyncSession(async_engine) as session:
+            savepoint = await session.begin_nested()
+            session.add(enqueue("Dropped"))
+            await session.flush()
+            await savepoint.rollback()  # takes its job and its wake-up with it
+            session.add(enqueue("Kept"))
+            await session.commit()
+
+    run(main)
+    assert [row.job_class for row in job_rows(engine)] == ["Kept"]
+    assert len(received()) == 1
