@@ -474,10 +474,40 @@ def _copy(
     if raw is None:  # pragma: no cover - a detached connection cannot be written to
         raise InvalidJobError("the connection is closed")
     table = connection.dialect.identifier_preparer.format_table(QueJob.__table__)
-    with raw.cursor() as cursor:
-        for columns, rows in groups.items():
-            with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+    statements = [
+        (f"COPY {table} ({', '.join(columns)}) FROM STDIN", rows)
+        for columns, rows in groups.items()
+    ]
+    if _is_async(raw):
+        # psycopg's AsyncConnection under an AsyncConnection's run_sync (sqlalchemy_que.asyncio)
+        _await(_copy_async(raw, statements))
+    else:
+        with raw.cursor() as cursor:
+            for statement, rows in statements:
+                with cursor.copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
     for queue, run_at in earliest.items():
         notify_job(connection, queue, run_at)
+
+
+def _is_async(raw: Any) -> bool:
+    import psycopg
+
+    return isinstance(raw, psycopg.AsyncConnection)
+
+
+def _await(awaitable: Any) -> Any:
+    """Run ``awaitable`` from sync code called through SQLAlchemy's ``run_sync``."""
+    from sqlalchemy import util
+
+    await_ = getattr(util, "await_", None) or util.await_only  # SQLAlchemy 2.1 / 2.0
+    return await_(awaitable)
+
+
+async def _copy_async(raw: Any, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+    async with raw.cursor() as cursor:
+        for statement, rows in statements:
+            async with cursor.copy(statement) as copy:
+                for row in rows:
+                    await copy.write_row(row)

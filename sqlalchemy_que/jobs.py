@@ -44,6 +44,9 @@ from .enqueue import Bind, enqueue, insert_job
 from .errors import InvalidJobError, QueError
 from .model import QueJob
 
+if typing.TYPE_CHECKING:
+    from .asyncio import AsyncBind
+
 __all__ = [
     "JobContext",
     "JobDefinition",
@@ -374,6 +377,13 @@ class JobDefinition(JobDefaults, Generic[P]):
                 f"the unique_key function of job {self.name!r} returned {key!r}, not a str"
             )
         return insert_job(bind, self, *positional, unique_key=key)
+
+    async def insert_async(self, bind: AsyncBind, /, *args: P.args, **kwargs: P.kwargs) -> int:
+        """Insert the job on an ``AsyncConnection`` (or ``AsyncSession``); return its
+        ``job_id``. The arguments are checked against the handler's signature first."""
+        from .asyncio import insert_job as insert_job_async
+
+        return await insert_job_async(bind, self, *self.positional(*args, **kwargs))
 
     def delay_for(self, error_count: int) -> float:
         """The retry delay in seconds after the job's ``error_count``-th failure."""
