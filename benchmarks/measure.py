@@ -81,15 +81,16 @@ class ServerCpu:
         ticks = sum(
             int(postmaster[i]) for i in (self._UTIME, self._STIME, self._CUTIME, self._CSTIME)
         )
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            fields = _stat_fields(int(entry.name))
-            if fields is None or int(fields[self._PPID]) != self.pid:
-                continue
-            if fields[self._STATE] in ("Z", "X"):
-                return None
-            ticks += int(fields[self._UTIME]) + int(fields[self._STIME])
+        with os.scandir("/proc") as entries:  # closed on the early return too
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                fields = _stat_fields(int(entry.name))
+                if fields is None or int(fields[self._PPID]) != self.pid:
+                    continue
+                if fields[self._STATE] in ("Z", "X"):
+                    return None
+                ticks += int(fields[self._UTIME]) + int(fields[self._STIME])
         return ticks
 
 

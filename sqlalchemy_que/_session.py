@@ -471,11 +471,20 @@ class LockedSession:
             # The marks go first (committed: autocommit), then the locks. A job found with
             # an earlier run's mark keeps it: that crash is still to be counted by whoever
             # takes the job next.
+            # The delete commits before the unlock (BEGIN/COMMIT in the pipeline), so that no
+            # worker that takes the job next can see the mark and count a crash.
             unmark = [_array(j.job_id for j in jobs if self.crashed.pop(j.job_id, None) is None)]
-            unmarked, unlocked = self._pipeline(
-                [(_sql.UNMARK_JOBS, unmark), (_sql.UNLOCK_JOBS, ids)], "releasing jobs"
+            _, unmarked, committed, unlocked = self._pipeline(
+                [
+                    (self._begin, ()),
+                    (_sql.UNMARK_JOBS, unmark),
+                    (_sql.COMMIT, ()),
+                    (_sql.UNLOCK_JOBS, ids),
+                ],
+                "releasing jobs",
             )
             self._check(unmarked, "releasing jobs")
+            self._check(committed, "releasing jobs")
             result = self._check(unlocked, "releasing jobs")
         else:
             result = self._execute(_sql.UNLOCK_JOBS, ids)
