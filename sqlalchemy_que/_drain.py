@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,8 +25,8 @@ from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import BigInteger, DateTime, Float, Text
 
 from .errors import QueError, UnknownJobClassError
-from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay
-from .worker import MAX_RETRY_DELAY, Handlers, format_last_error, registry_of
+from .jobs import JobContext, JobDefinition, JobRegistry
+from .worker import Handlers, format_last_error, registry_of, retry_delay
 
 __all__ = [
     "DrainReport",
@@ -207,22 +206,6 @@ def _check_max_jobs(max_jobs: object) -> int:
     if isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1:
         raise QueError(f"max_jobs must be a whole number >= 1, got {max_jobs!r}")
     return max_jobs
-
-
-def retry_delay(definition: JobDefinition[Any] | None, error_count: int) -> float:
-    """The job's retry delay after its ``error_count``-th failure, as a worker computes it."""
-    try:
-        delay = (
-            definition.delay_for(error_count)
-            if definition is not None
-            else default_retry_delay(error_count)
-        )
-    except Exception:
-        logger.exception("retry delay of %s failed; using Que's default", definition)
-        return default_retry_delay(error_count)
-    if not math.isfinite(delay) or delay < 0:
-        return 0.0
-    return min(delay, MAX_RETRY_DELAY)
 
 
 @contextlib.contextmanager

@@ -112,6 +112,25 @@ _QueryCanceled = psycopg.errors.QueryCanceled  # what statement_timeout raises
 MAX_RETRY_DELAY = 100 * 365.25 * 24 * 3600.0
 
 
+def retry_delay(definition: JobDefinition[Any] | None, error_count: int) -> float:
+    """The job's retry delay in seconds after its ``error_count``-th failure: the
+    definition's, else Que's; capped at :data:`MAX_RETRY_DELAY`, and Que's when the
+    definition's own delay raises or is not a number of seconds >= 0 (then 0)."""
+    try:
+        delay = (
+            definition.delay_for(error_count)
+            if definition is not None
+            else default_retry_delay(error_count)
+        )
+    except Exception:
+        logger.exception("retry delay of %s failed; using Que's default", definition)
+        return default_retry_delay(error_count)
+    if not math.isfinite(delay) or delay < 0:
+        logger.error("retry delay %r is not a number of seconds >= 0; using 0", delay)
+        return 0.0
+    return min(delay, MAX_RETRY_DELAY)
+
+
 class UndecodableJobError(QueError):
     """A job's row holds a value this worker cannot represent (a ``run_at`` of
     ``-infinity``, or outside the years Python's datetime holds); it is failed by its key
@@ -706,21 +725,6 @@ class Worker:
         failure.__traceback__ = error.__traceback__
         return failure
 
-    def _retry_delay(self, definition: JobDefinition[Any] | None, error_count: int) -> float:
-        try:
-            delay = (
-                definition.delay_for(error_count)
-                if definition is not None
-                else default_retry_delay(error_count)
-            )
-        except Exception:
-            logger.exception("retry delay of %s failed; using Que's default", definition)
-            return default_retry_delay(error_count)
-        if not math.isfinite(delay) or delay < 0:
-            logger.error("retry delay %r is not a number of seconds >= 0; using 0", delay)
-            return 0.0
-        return min(delay, MAX_RETRY_DELAY)
-
     def _fail(
         self,
         session: LockedSession,
@@ -746,7 +750,7 @@ class Worker:
         if isinstance(error, RetryJob):
             delay = min(error.delay, MAX_RETRY_DELAY)
         else:
-            delay = self._retry_delay(definition, count)
+            delay = retry_delay(definition, count)
         extra = {**self._extra(job, started), "outcome": "error", "retry_in": delay}
         if final:
             extra = {**extra, "outcome": "failed", "reason": reason}
