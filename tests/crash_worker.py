@@ -2,7 +2,8 @@
 ``python -m tests.crash_worker URL``: one :class:`~sqlalchemy_que.Worker` in burst mode on
 queue ``crash``, whose ``Crash`` handler records its run in ``crash_runs`` (committed at once,
 on a connection of its own) and then ends the process with ``os._exit(137)``, as an
-out-of-memory kill would. Retry delays grow (0.3 s x n²) and ``max_attempts`` is 3.
+out-of-memory kill would. Retry delays grow (1.5 s x n², well above the spread of a
+process start on a loaded machine) and ``max_attempts`` is 3.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ registry = JobRegistry()
 def main(url: str) -> None:
     recorder = create_engine(url, isolation_level="AUTOCOMMIT")
 
-    @registry.job("Crash", max_attempts=3, retry_delay=lambda n: 0.3 * n * n)
+    @registry.job("Crash", max_attempts=3, retry_delay=lambda n: 1.5 * n * n)
     def crash(job: JobContext) -> None:
         with recorder.connect() as connection:
             connection.execute(
