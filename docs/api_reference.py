@@ -18,6 +18,9 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
         "sqlalchemy_que.schema",
         "Schema and migrations (sqlalchemy_que.schema)",
         [
+            "schema_version",
+            "migrations_path",
+            "version_location",
             "downgrade",
             "migrate_sql",
             "include_object",
@@ -25,23 +28,6 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
             "VERSION_TABLE",
         ],
     ),
-    (
-        "sqlalchemy_que.worker",
-        "Workers (sqlalchemy_que.worker)",
-        [
-            "Completion",
-            "DEFAULT_BATCH_SIZE",
-            "DEFAULT_BATCHED_COMPLETION_SIZE",
-            "DEFAULT_MAX_ATTEMPTS",
-            "DEFAULT_MAX_HOLD",
-        ],
-    ),
-    (
-        "sqlalchemy_que.cli",
-        "Command line (sqlalchemy_que.cli)",
-        ["load_handlers", "normalise_database_url"],
-    ),
-    ("sqlalchemy_que.demo", "Demo (sqlalchemy_que.demo)", ["run_demo", "DemoResult"]),
     ("sqlalchemy_que.admin", "Operations (sqlalchemy_que.admin)", None),
     ("sqlalchemy_que.testing", "Testing (sqlalchemy_que.testing)", None),
     ("sqlalchemy_que.pytest_plugin", "pytest plugin (sqlalchemy_que.pytest_plugin)", ["Drain"]),
@@ -106,6 +92,11 @@ def render() -> str:
         "# API reference",
         "",
         "Generated from the docstrings by `docs/api_reference.py`; do not edit by hand.",
+        "",
+        "The public API is the names below: the package's own, and those of the modules",
+        "`sqlalchemy_que.schema`, `.admin`, `.testing`, `.pytest_plugin`, `.flask` and",
+        "`.asyncio`. Modules whose names begin with an underscore are internal and may change",
+        "in any release; loggers keep their names (`sqlalchemy_que.worker`, ...).",
         "",
     ]
     for module_name, title, names in SECTIONS:

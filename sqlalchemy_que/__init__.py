@@ -8,7 +8,10 @@ Jobs are rows of Que's ``que_jobs`` table, written in the caller's own transacti
         session.add(enqueue("SendEmail", user.id))
         session.commit()   # the job is committed with the caller's other changes
 
-The public names are re-exported here; see the documentation in ``docs/`` for the guide.
+The public names are re-exported here; the other public modules are ``sqlalchemy_que.admin``
+(operations), ``.schema`` (migrations and Alembic), ``.asyncio``, ``.flask``, ``.testing`` and
+``.pytest_plugin``. Modules whose names start with an underscore are internal. See ``docs/`` for
+the guide.
 """
 
 from __future__ import annotations
@@ -16,14 +19,8 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 from . import _tables  # noqa: F401  # our tables join sqlalchemy_que.metadata
-from ._hooks import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
-from ._metrics import QueMetrics, install_metrics
-from ._pool import WorkerPool
-from ._schedule import Schedule, cron, every
-from ._scheduler import ScheduleState, schedule_states
-from ._tracing import QueTracing, install_tracing
-from .enqueue import enqueue, insert_job, insert_jobs, insert_many
-from .errors import (
+from ._enqueue import enqueue, insert_job, insert_jobs, insert_many
+from ._errors import (
     ConfigurationError,
     FailJob,
     InvalidJobError,
@@ -40,12 +37,17 @@ from .errors import (
     UnsupportedSchemaError,
     WorkerError,
 )
-from .jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
-from .locking import JobLock, LockedJob, locked_job
-from .model import FailedJob, QueJob, metadata
-from .schema import check_schema, migrate, migrations_path, schema_version, version_location
-from .stats import JobStats, WorkerState, clear, job_stats, worker_states
-from .worker import Worker, format_last_error
+from ._hooks import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
+from ._jobs import JobContext, JobDefinition, JobRegistry, default_retry_delay, job
+from ._locking import JobLock, LockedJob, locked_job
+from ._metrics import QueMetrics, install_metrics
+from ._model import FailedJob, QueJob, metadata
+from ._pool import WorkerPool
+from ._schedule import Schedule, cron, every
+from ._stats import JobStats, WorkerState, clear, job_stats, worker_states
+from ._tracing import QueTracing, install_tracing
+from ._worker import Worker
+from .schema import check_schema, migrate
 
 __all__ = [
     "ConfigurationError",
@@ -73,7 +75,6 @@ __all__ = [
     "QueTracing",
     "RetryJob",
     "Schedule",
-    "ScheduleState",
     "SchemaError",
     "UnknownJobClassError",
     "UnsupportedSchemaError",
@@ -88,7 +89,6 @@ __all__ = [
     "default_retry_delay",
     "enqueue",
     "every",
-    "format_last_error",
     "insert_job",
     "insert_jobs",
     "insert_many",
@@ -99,11 +99,7 @@ __all__ = [
     "locked_job",
     "metadata",
     "migrate",
-    "migrations_path",
     "remove_job_hook",
-    "schedule_states",
-    "schema_version",
-    "version_location",
     "worker_states",
 ]
 

@@ -1,5 +1,5 @@
 """``python -m sqlalchemy_que``: the command line, as ``sqlalchemy-que``."""
 
-from .cli import main
+from ._cli import main
 
 main()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 
-from .errors import InvalidJobError
+from ._errors import InvalidJobError
 
 SMALLINT_MIN, SMALLINT_MAX = -32768, 32767
 

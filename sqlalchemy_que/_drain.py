@@ -24,9 +24,9 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import BigInteger, DateTime, Float, Text
 
-from .errors import QueError, UnknownJobClassError
-from .jobs import JobContext, JobDefinition, JobRegistry
-from .worker import Handlers, format_last_error, registry_of, retry_delay
+from ._errors import QueError, UnknownJobClassError
+from ._jobs import JobContext, JobDefinition, JobRegistry
+from ._worker import Handlers, format_last_error, registry_of, retry_delay
 
 __all__ = [
     "DrainReport",

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import JSON
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
-from .errors import InvalidJobError
+from ._errors import InvalidJobError
 
 #: The deepest nesting of lists and dicts accepted, the args array being level 1: Ruby Que
 #: 0.14.3 parses args with ``JSON.parse``, whose ``max_nesting`` is 100.

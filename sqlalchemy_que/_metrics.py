@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, text
 
 from . import _hooks
-from .errors import ConfigurationError
-from .stats import _JOB_LOCKS
+from ._errors import ConfigurationError
+from ._stats import _JOB_LOCKS
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

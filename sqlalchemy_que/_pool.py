@@ -29,12 +29,11 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.pool import AssertionPool, QueuePool, StaticPool
 
+from ._errors import WorkerError
+from ._listener import Listener
 from ._scheduler import Scheduler
 from ._session import LockedJob
-from .errors import WorkerError
-from .listener import Listener
-from .schema import check_schema
-from .worker import (
+from ._worker import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_HOLD,
     Completion,
@@ -44,6 +43,7 @@ from .worker import (
     check_queues,
     registry_of,
 )
+from .schema import check_schema
 
 __all__ = ["WorkerPool"]
 

@@ -36,8 +36,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from ._checks import JobDefaults, check_job_class, check_priority, check_queue, check_text
+from ._errors import InvalidJobError
 from ._json import dump_args
-from .errors import InvalidJobError
 
 __all__ = ["Missed", "Schedule", "cron", "every"]
 

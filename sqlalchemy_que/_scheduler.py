@@ -33,10 +33,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from ._enqueue import insert_job
+from ._errors import WorkerError
 from ._schedule import Schedule
 from ._tables import SCHEDULE_TICKS
-from .enqueue import insert_job
-from .errors import WorkerError
 
 __all__ = ["ScheduleState", "Scheduler", "schedule_states"]
 

@@ -42,8 +42,8 @@ from psycopg import pq
 from sqlalchemy import Connection, Engine, RootTransaction, event
 
 from . import _sql
+from ._errors import ConfigurationError, LockError, LostSessionError, QueError
 from ._sql import Statement
-from .errors import LockError, LostSessionError, QueError
 
 __all__ = ["LockedJob", "LockedSession", "LostSessionError", "StatementFailedError"]
 
@@ -192,13 +192,13 @@ class LockedSession:
         try:
             raw = connection.connection.driver_connection
             if not isinstance(raw, psycopg.Connection):
-                raise QueError(
+                raise ConfigurationError(
                     f"sqlalchemy-que needs the psycopg (3) driver; this connection uses "
                     f"{type(raw).__module__}.{type(raw).__qualname__} (use a "
                     "postgresql+psycopg:// URL)"
                 )
             if raw.info.transaction_status != _IDLE:
-                raise QueError("the Engine handed out a connection inside a transaction")
+                raise LockError("the Engine handed out a connection inside a transaction")
             saved = _Saved(
                 autocommit=raw.autocommit,
                 isolation_level=raw.isolation_level,
@@ -553,7 +553,7 @@ class LockedSession:
 
     def _refuse_commit(self, connection: Connection) -> None:
         if not self._ending:
-            raise QueError(
+            raise LockError(
                 "commit() on job.connection would commit the job's transaction before the "
                 "job is done; the worker commits it with the job's completion (use "
                 "job.session, whose commit() keeps your changes for that commit)"
@@ -561,7 +561,7 @@ class LockedSession:
 
     def _refuse_rollback(self, connection: Connection) -> None:
         if not self._ending:
-            raise QueError(
+            raise LockError(
                 "rollback() on job.connection would end the job's transaction; raise an "
                 "exception to fail the job, or use job.session, whose rollback() undoes "
                 "only your own changes"
@@ -653,7 +653,7 @@ class LockedSession:
         """Delete several jobs of ``queue`` in one transaction, commit, and unlock them, in
         one round trip; return how many rows were deleted. Raises as :meth:`complete`."""
         if self._transaction is not None:
-            raise QueError("complete_many() runs outside any job's transaction")
+            raise LockError("complete_many() runs outside any job's transaction")
         results = self._finish(
             [
                 (self._begin, ()),

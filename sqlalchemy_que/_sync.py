@@ -21,10 +21,10 @@ from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, SessionTransaction, UOWTransaction, scoped_session, sessionmaker
 
 from ._drain import FailedJob, fetch_job, run_locked_job, try_lock, unlock
-from .enqueue import ENQUEUED_KEY
-from .errors import QueError
-from .model import QueJob
-from .worker import Handlers, registry_of
+from ._enqueue import ENQUEUED_KEY
+from ._errors import QueError
+from ._model import QueJob
+from ._worker import Handlers, registry_of
 
 __all__ = ["SynchronousMode", "run_synchronously"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, DateTime, SmallInteger, Table, Text, text
 
-from .model import metadata
+from ._model import metadata
 
 __all__ = ["SCHEDULE_TICKS", "UNIQUE_KEYS", "schedule_ticks", "unique_keys"]
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _hooks
-from .errors import ConfigurationError
+from ._errors import ConfigurationError
 
 __all__ = ["QueTracing", "install_tracing"]
 

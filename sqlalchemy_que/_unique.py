@@ -111,7 +111,7 @@ def _statement(run_at: str | None, notify: bool) -> TextClause:
 
 def unique_parameters(values: dict[str, Any], unique_key: str) -> tuple[str | None, dict[str, Any]]:
     """The run_at form and the parameters of :func:`unique_insert_statement` for the column
-    values of :func:`~sqlalchemy_que.enqueue.job_values` (run_in already in microseconds)."""
+    values of :func:`~sqlalchemy_que._enqueue.job_values` (run_in already in microseconds)."""
     form = "run_at" if "run_at" in values else "run_in" if "run_in" in values else None
     parameters = {
         "unique_key": unique_key,

@@ -30,14 +30,16 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, text
 
-from .errors import InvalidJobError
-from .notify import CANCEL_CHANNEL, notify_job
+from ._errors import InvalidJobError
+from ._notify import CANCEL_CHANNEL, notify_job
+from ._scheduler import ScheduleState, schedule_states
 
 __all__ = [
     "Cleared",
     "Counts",
     "JobInfo",
     "Outcome",
+    "ScheduleState",
     "cancel",
     "clear",
     "counts",
@@ -46,6 +48,7 @@ __all__ = [
     "list_jobs",
     "purge_failed",
     "retry",
+    "schedule_states",
 ]
 
 #: What a job is: ``ready`` (due now), ``scheduled`` (due later, never failed), ``retrying``

@@ -37,16 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from . import stats as _stats
-from .enqueue import insert_job as _insert_job
-from .enqueue import insert_jobs as _insert_jobs
-from .enqueue import insert_many as _insert_many
-from .errors import InvalidJobError
-from .model import QueJob
-from .stats import JobStats, WorkerState
+from . import _stats as _stats
+from ._enqueue import insert_job as _insert_job
+from ._enqueue import insert_jobs as _insert_jobs
+from ._enqueue import insert_many as _insert_many
+from ._errors import InvalidJobError
+from ._model import QueJob
+from ._stats import JobStats, WorkerState
 
 if TYPE_CHECKING:
-    from .jobs import JobDefinition
+    from ._jobs import JobDefinition
 
 __all__ = [
     "AsyncBind",

@@ -90,11 +90,7 @@ from sqlalchemy import Engine
 
 from . import schema
 from ._admin_cli import add_admin_commands
-from ._drain import DatabaseBind, DrainReport, drain_wrapped
-from ._metrics import QueMetrics
-from ._pool import WorkerPool, _pool_capacity
-from ._sync import OnError, SynchronousMode
-from .cli import (
+from ._cli import (
     _configure_logging,
     _explained,
     _print_stats,
@@ -103,10 +99,14 @@ from .cli import (
     load_handlers,
     print_schedules,
 )
-from .errors import QueError, WorkerError
-from .jobs import JobContext, JobRegistry
-from .worker import ErrorReporter, Handlers
-from .worker import registry_of as _registry
+from ._drain import DatabaseBind, DrainReport, drain_wrapped
+from ._errors import ConfigurationError, QueError, WorkerError
+from ._jobs import JobContext, JobRegistry
+from ._metrics import QueMetrics
+from ._pool import WorkerPool, _pool_capacity
+from ._sync import OnError, SynchronousMode
+from ._worker import ErrorReporter, Handlers
+from ._worker import registry_of as _registry
 
 __all__ = ["Que"]
 
@@ -159,16 +159,16 @@ class Que:
         Call it after Flask-SQLAlchemy's ``db.init_app(app)``.
 
         :raises WorkerError: for a bad ``QUE_*`` value, naming the key and the value.
-        :raises QueError: when no Flask-SQLAlchemy extension is registered on the app, or
+        :raises ConfigurationError: when no Flask-SQLAlchemy extension is registered on the app, or
             another Que is.
         """
         if EXTENSION_KEY in app.extensions:
-            raise QueError(
+            raise ConfigurationError(
                 f"a Que extension is already registered on the app {app.name!r}; use that instance"
             )
         db = self.db if self.db is not None else app.extensions.get("sqlalchemy")
         if not isinstance(db, SQLAlchemy):
-            raise QueError(
+            raise ConfigurationError(
                 f"Que needs Flask-SQLAlchemy on the app {app.name!r}: call db.init_app(app) "
                 "before que.init_app(app), or pass Que(db=db)"
             )
@@ -264,13 +264,15 @@ class Que:
             return cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
         if self.app is not None:
             return self.app
-        raise QueError("no Flask app: pass app=..., or call this inside an application context")
+        raise ConfigurationError(
+            "no Flask app: pass app=..., or call this inside an application context"
+        )
 
     def _state(self, app: Flask) -> _AppState:
         try:
             return self._states[app]
         except KeyError:
-            raise QueError(
+            raise ConfigurationError(
                 f"this Que is not registered on the app {app.name!r}: call que.init_app(app)"
             ) from None
 
@@ -357,7 +359,7 @@ class Que:
             raise WorkerError("no job handlers: pass Que(handlers=...) or set QUE_HANDLERS")
         if bind is None:
             if not has_app_context():
-                raise QueError("que.drain() without bind= needs an application context")
+                raise ConfigurationError("que.drain() without bind= needs an application context")
             bind = state.db.session
         db = state.db
         return drain_wrapped(

@@ -35,9 +35,9 @@ from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.orm import Session
 
 from ._drain import DatabaseBind, DrainReport, drain
+from ._worker import Handlers
 from .schema import migrate
 from .testing import temporary_postgres
-from .worker import Handlers
 
 __all__ = [
     "Drain",

@@ -43,9 +43,9 @@ from alembic.script import ScriptDirectory
 from alembic.util import coerce_resource_to_filename
 from sqlalchemy import Connection, Engine, Table, text
 
+from ._errors import SchemaError, UnsupportedSchemaError
+from ._model import FAILED_TABLE_NAME, RUNS_TABLE_NAME, SCHEMA_VERSION, TABLE_NAME
 from ._tables import SCHEDULE_TICKS, UNIQUE_KEYS
-from .errors import SchemaError, UnsupportedSchemaError
-from .model import FAILED_TABLE_NAME, RUNS_TABLE_NAME, SCHEMA_VERSION, TABLE_NAME
 
 if TYPE_CHECKING:
     from alembic.operations.ops import MigrationScript

@@ -55,8 +55,8 @@ from ._drain import (
     enqueued,
     job_context,
 )
+from ._errors import QueError
 from ._sync import SynchronousMode, run_synchronously
-from .errors import QueError
 
 __all__ = [
     "POSTGRES_SOURCES",

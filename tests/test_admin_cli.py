@@ -11,7 +11,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Engine, text
 
 from sqlalchemy_que import FailJob, JobContext, Worker, locked_job
-from sqlalchemy_que.cli import EXIT_JOBS_FAILED, main
+from sqlalchemy_que._cli import EXIT_JOBS_FAILED, main
 from sqlalchemy_que.flask import Que
 
 from .helpers import add_job, job_rows

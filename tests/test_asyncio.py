@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que.asyncio as que_async
 from sqlalchemy_que import InvalidJobError, JobContext, enqueue, job
-from sqlalchemy_que.notify import channel_for
+from sqlalchemy_que._notify import channel_for
 
 from .helpers import job_rows as _job_rows
 
@@ -259,7 +259,7 @@ def test_admin_reads_and_clear_are_awaitable(engine: Engine, async_engine: Async
 
 def test_the_sync_api_never_loads_the_async_module() -> None:
     code = (
-        "import sys, sqlalchemy_que, sqlalchemy_que.jobs, sqlalchemy_que.enqueue;"
+        "import sys, sqlalchemy_que, sqlalchemy_que._jobs, sqlalchemy_que._enqueue;"
         "print('sqlalchemy_que.asyncio' in sys.modules, 'sqlalchemy.ext.asyncio' in sys.modules)"
     )
     out = subprocess.run(

@@ -31,8 +31,8 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_que import JobContext, QueError, Worker
-from sqlalchemy_que.cli import normalise_database_url
-from sqlalchemy_que.demo import run_demo
+from sqlalchemy_que._cli import normalise_database_url
+from sqlalchemy_que._demo import run_demo
 
 from .cli_handlers import CREATE_EVENTS, DROP_EVENTS, HAS_EVENT, RECORD_EVENT
 from .conftest import advisory_lock_count, wait_for
@@ -737,7 +737,7 @@ def _interpreter_for_nobody(site: Path) -> list[str]:
     for interpreter in dict.fromkeys(candidates):
         command = ["env", f"PYTHONPATH={site}", "PYTHONNOUSERSITE=1", interpreter, "-s"]
         probe = subprocess.run(
-            ["runuser", "-u", "nobody", "--", *command, "-c", "import sqlalchemy_que.cli"],
+            ["runuser", "-u", "nobody", "--", *command, "-c", "import sqlalchemy_que._cli"],
             env={**cli_env(), "HOME": tempfile.gettempdir()},
             cwd="/",
             capture_output=True,
@@ -755,7 +755,7 @@ def _interpreter_for_nobody(site: Path) -> list[str]:
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
 def test_demo_on_a_throwaway_postgres_as_an_unprivileged_user(site_for_nobody: Path) -> None:
     command = _interpreter_for_nobody(site_for_nobody)
-    main = "from sqlalchemy_que.cli import main; main()"
+    main = "from sqlalchemy_que._cli import main; main()"
     env = {**cli_env(), "HOME": tempfile.gettempdir()}
     env.pop("PYTHONPATH")
     result = subprocess.run(

@@ -36,7 +36,7 @@ from sqlalchemy_que import (
     locked_job,
     worker_states,
 )
-from sqlalchemy_que.notify import channel_for
+from sqlalchemy_que._notify import channel_for
 
 from .conftest import wait_for
 from .helpers import add_job, held_job_locks, job_rows, past
@@ -694,7 +694,7 @@ def test_commit_and_rollback_on_job_connection_are_refused(
     (row,) = job_rows(engine)
     assert row["error_count"] == 1
     first_line = row["last_error"].split("\n")[0]
-    assert first_line.startswith("sqlalchemy_que.QueError: ") and f"{method}()" in first_line
+    assert first_line.startswith("sqlalchemy_que.LockError: ") and f"{method}()" in first_line
     assert values_in(engine, scratch) == []
     assert held_job_locks(engine) == []
 

@@ -72,6 +72,6 @@ def test_the_readme_names_the_two_setup_commands() -> None:
     assert re.search(r"^test:", makefile, re.MULTILINE)
     assert re.search(r"^demo:", makefile, re.MULTILINE)
     assert (
-        subprocess.run([sys.executable, "-c", "import sqlalchemy_que.cli"], check=False).returncode
+        subprocess.run([sys.executable, "-c", "import sqlalchemy_que._cli"], check=False).returncode
         == 0
     )

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 import sqlalchemy_que as que
 from sqlalchemy_que import InvalidJobError, QueJob, enqueue, insert_job, insert_jobs, insert_many
-from sqlalchemy_que.notify import channel_for, parse_payload
+from sqlalchemy_que._notify import channel_for, parse_payload
 
 UTC = datetime.timezone.utc
 
@@ -341,10 +341,10 @@ def test_enqueue_does_not_import_jobs_which_imports_it() -> None:
     """The field checks both need live in a module of their own, so the dependency runs one
     way: jobs imports enqueue, never the reverse (not even lazily, inside a function)."""
     package = Path(que.__file__).parent
-    enqueue_imports = set(_runtime_imports(ast.parse((package / "enqueue.py").read_text())))
-    jobs_imports = set(_runtime_imports(ast.parse((package / "jobs.py").read_text())))
-    assert ".enqueue" in jobs_imports
-    assert not enqueue_imports & {".jobs", "sqlalchemy_que.jobs"}, enqueue_imports
+    enqueue_imports = set(_runtime_imports(ast.parse((package / "_enqueue.py").read_text())))
+    jobs_imports = set(_runtime_imports(ast.parse((package / "_jobs.py").read_text())))
+    assert "._enqueue" in jobs_imports
+    assert not enqueue_imports & {"._jobs", "sqlalchemy_que._jobs"}, enqueue_imports
     assert "._checks" in enqueue_imports & jobs_imports
 
 

@@ -27,7 +27,7 @@ from sqlalchemy_que import (
     insert_job,
     locked_job,
 )
-from sqlalchemy_que.worker import DEFAULT_MAX_ATTEMPTS
+from sqlalchemy_que._worker import DEFAULT_MAX_ATTEMPTS
 
 from .conftest import wait_for
 from .crash_worker import CREATE_RUNS, DROP_RUNS, READ_RUNS

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import Engine, create_engine, inspect, text
 
-import sqlalchemy_que.cli
+import sqlalchemy_que._cli
 from docs.examples import flask_app
 from docs.examples.flask_app import User, create_app, db, que
 from sqlalchemy_que import JobContext, JobRegistry, QueError, Worker, WorkerError, WorkerPool
@@ -211,7 +211,7 @@ def test_flask_que_migrate_stats_and_worker(
     assert result.exit_code == 0, result.output
     assert "SendWelcomeEmail" in result.output
     standalone = CliRunner().invoke(
-        sqlalchemy_que.cli.main, ["stats", "--database-url", database_url]
+        sqlalchemy_que._cli.main, ["stats", "--database-url", database_url]
     )
     assert result.output == standalone.output  # the same table as the standalone command
     result = runner.invoke(args=["que", "stats", "--json"])

@@ -62,7 +62,7 @@ def test_a_worker_on_an_engine_without_psycopg_is_refused_before_connecting() ->
 
 
 def test_run_demo_accepts_a_plain_postgresql_url(engine: Engine, database_url: str) -> None:
-    from sqlalchemy_que.demo import run_demo
+    from sqlalchemy_que._demo import run_demo
 
     from .test_cli import plain_url
 

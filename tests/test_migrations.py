@@ -138,7 +138,7 @@ def ruby_que_table(connection: Connection, version: int, *, comment: bool = True
 
 def script_directory() -> ScriptDirectory:
     config = Config()
-    config.set_main_option("script_location", str(sqlalchemy_que.migrations_path()))
+    config.set_main_option("script_location", str(sqlalchemy_que.schema.migrations_path()))
     return ScriptDirectory.from_config(config)
 
 
@@ -229,11 +229,13 @@ def test_one_head_labelled_que() -> None:
     assert len(script.get_bases()) == 1
     assert all("que" in rev.branch_labels for rev in revisions)
     # The folder an application adds to its version_locations is where the revisions are.
-    assert {Path(rev.path).parent for rev in revisions} == {Path(sqlalchemy_que.version_location())}
+    assert {Path(rev.path).parent for rev in revisions} == {
+        Path(sqlalchemy_que.schema.version_location())
+    }
 
 
 def test_revisions_do_not_import_the_live_model() -> None:
-    files = sorted(Path(sqlalchemy_que.version_location()).glob("*.py"))
+    files = sorted(Path(sqlalchemy_que.schema.version_location()).glob("*.py"))
     assert files
     for path in files:
         imported: set[str] = set()
@@ -243,7 +245,7 @@ def test_revisions_do_not_import_the_live_model() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module)
         ours = {name for name in imported if name.split(".")[0] == "sqlalchemy_que"}
-        assert ours <= {"sqlalchemy_que.errors"}, f"{path.name} imports {sorted(ours)}"
+        assert ours <= {"sqlalchemy_que._errors"}, f"{path.name} imports {sorted(ours)}"
 
 
 def test_upgrade_and_downgrade_step_by_step(empty_engine: Engine) -> None:
@@ -468,7 +470,7 @@ def test_brings_an_older_ruby_table_to_version_3(
         ruby_que_table(connection, version, comment=comment)
         connection.execute(text(RUBY_ROWS_V1))
     with empty_engine.connect() as connection:
-        assert sqlalchemy_que.schema_version(connection) == version
+        assert sqlalchemy_que.schema.schema_version(connection) == version
         with pytest.raises(SchemaError, match=f"version {version}"):
             sqlalchemy_que.check_schema(connection)
         before = connection.execute(SNAPSHOT_V1).all()
@@ -508,7 +510,7 @@ def test_refuses_a_que_1x_table_and_leaves_it_alone(empty_engine: Engine) -> Non
     with empty_engine.connect() as connection:
         assert connection.execute(catalog).all() == columns_before
         assert connection.execute(rows).all() == rows_before
-        assert sqlalchemy_que.schema_version(connection) == 4
+        assert sqlalchemy_que.schema.schema_version(connection) == 4
         assert not table_exists(connection, VERSION_TABLE)
         with pytest.raises(UnsupportedSchemaError, match="version 4") as checked:
             sqlalchemy_que.check_schema(connection)
@@ -517,7 +519,7 @@ def test_refuses_a_que_1x_table_and_leaves_it_alone(empty_engine: Engine) -> Non
 
 def test_check_schema_without_a_table_says_how_to_fix_it(empty_engine: Engine) -> None:
     with empty_engine.connect() as connection:
-        assert sqlalchemy_que.schema_version(connection) == 0
+        assert sqlalchemy_que.schema.schema_version(connection) == 0
         with pytest.raises(SchemaError, match="sqlalchemy-que migrate") as missing:
             sqlalchemy_que.check_schema(connection)
     assert not isinstance(missing.value, UnsupportedSchemaError)
@@ -714,7 +716,7 @@ def application_alembic(root: Path, url: str) -> Config:
     config.set_main_option("path_separator", "os")
     config.set_main_option(
         "version_locations",
-        os.pathsep.join([str(root / "versions"), sqlalchemy_que.version_location()]),
+        os.pathsep.join([str(root / "versions"), sqlalchemy_que.schema.version_location()]),
     )
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
@@ -776,7 +778,7 @@ def new_revision(config: Config, **options: Any) -> Script:
 def test_the_hook_puts_an_applications_revisions_on_its_own_branch(
     tmp_path: Path, empty_database_url: str
 ) -> None:
-    ours = sorted(Path(sqlalchemy_que.version_location()).glob("*.py"))
+    ours = sorted(Path(sqlalchemy_que.schema.version_location()).glob("*.py"))
 
     # No revision of the application's own yet: a new base, in its folder (not on ours).
     config = hooked_alembic(tmp_path / "fresh", empty_database_url, app_revision=False)
@@ -797,18 +799,18 @@ def test_the_hook_puts_an_applications_revisions_on_its_own_branch(
     # --head is kept.
     on_first = new_revision(config, head=first.revision, splice=True)
     assert on_first.down_revision == first.revision
-    assert sorted(Path(sqlalchemy_que.version_location()).glob("*.py")) == ours
+    assert sorted(Path(sqlalchemy_que.schema.version_location()).glob("*.py")) == ours
 
 
 def test_the_hook_refuses_an_environment_without_a_folder_of_the_applications_own(
     tmp_path: Path, empty_database_url: str
 ) -> None:
     config = hooked_alembic(tmp_path / "ours_only", empty_database_url, app_revision=False)
-    config.set_main_option("version_locations", sqlalchemy_que.version_location())
-    ours = sorted(Path(sqlalchemy_que.version_location()).glob("*.py"))
+    config.set_main_option("version_locations", sqlalchemy_que.schema.version_location())
+    ours = sorted(Path(sqlalchemy_que.schema.version_location()).glob("*.py"))
     with pytest.raises(SchemaError, match="no versions folder of its own"):
         command.revision(config, message="nowhere")
-    assert sorted(Path(sqlalchemy_que.version_location()).glob("*.py")) == ours
+    assert sorted(Path(sqlalchemy_que.schema.version_location()).glob("*.py")) == ours
 
 
 # An application's env.py for autogenerate, as docs/alembic.md shows it; the test hands it the
@@ -897,7 +899,7 @@ from sqlalchemy import create_engine
 import sqlalchemy_que
 
 print(sqlalchemy_que.__file__)
-print(sqlalchemy_que.migrations_path())
+print(sqlalchemy_que.schema.migrations_path())
 engine = create_engine(sys.argv[1])
 sqlalchemy_que.migrate(engine)
 engine.dispose()

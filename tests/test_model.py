@@ -203,7 +203,7 @@ def test_primary_key_is_que_jobs_pkey_and_the_only_index(migrated: Engine) -> No
 def test_table_comment_is_schema_version_3(migrated: Engine) -> None:
     with migrated.connect() as connection:
         assert read_shape(connection).comment == "3"
-        assert sqlalchemy_que.schema_version(connection) == 3
+        assert sqlalchemy_que.schema.schema_version(connection) == 3
         sqlalchemy_que.check_schema(connection)  # accepted as it is
 
 

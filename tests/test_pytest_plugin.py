@@ -79,7 +79,7 @@ def test_a_session_and_a_drain_of_it(que_session, que_drain):
 
 def test_the_migrated_engine(que_engine):
     with que_engine.connect() as connection:
-        assert sqlalchemy_que.schema_version(connection) == 3
+        assert sqlalchemy_que.schema.schema_version(connection) == 3
 """
 
 MISSING_HANDLERS = """

@@ -23,10 +23,10 @@ from sqlalchemy_que import (
     cron,
     every,
     insert_job,
-    schedule_states,
 )
+from sqlalchemy_que._cli import main
 from sqlalchemy_que._scheduler import Scheduler
-from sqlalchemy_que.cli import main
+from sqlalchemy_que.admin import schedule_states
 
 from .conftest import wait_for
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
 
 from sqlalchemy_que import JobContext, WorkerPool, enqueue, insert_job, insert_jobs
-from sqlalchemy_que.notify import channel_for, parse_payload
+from sqlalchemy_que._notify import channel_for, parse_payload
 
 from .conftest import wait_for
 from .helpers import job_rows

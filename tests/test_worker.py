@@ -18,9 +18,9 @@ from sqlalchemy_que import (
     Worker,
     WorkerError,
     WorkerPool,
-    format_last_error,
     job,
 )
+from sqlalchemy_que._worker import format_last_error
 
 from .conftest import wait_for
 from .helpers import add_job, future, held_job_locks, job_rows

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
-from sqlalchemy_que.errors import SchemaError, UnsupportedSchemaError
+from sqlalchemy_que._errors import SchemaError, UnsupportedSchemaError
 
 revision: str = "5a1e0c3f9b21"
 down_revision: str | Sequence[str] | None = None

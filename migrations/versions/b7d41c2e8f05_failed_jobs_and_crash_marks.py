@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
-from sqlalchemy_que.errors import SchemaError
+from sqlalchemy_que._errors import SchemaError
 
 revision: str = "b7d41c2e8f05"
 down_revision: str | Sequence[str] | None = "7c2d4e6f8a10"

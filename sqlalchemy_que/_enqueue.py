@@ -46,14 +46,14 @@ from ._checks import (
     check_queue,
     check_schedule,
 )
+from ._errors import InvalidJobError
 from ._json import _PreDumped, dump_args
+from ._model import QueJob
+from ._notify import _payload, channel_for, notify_job, pending_wakeup
 from ._unique import check_unique_key, unique_insert_statement, unique_parameters
-from .errors import InvalidJobError
-from .model import QueJob
-from .notify import _payload, channel_for, notify_job, pending_wakeup
 
 if TYPE_CHECKING:
-    from .jobs import JobDefinition
+    from ._jobs import JobDefinition
 
 __all__ = ["Bind", "enqueue", "insert_job", "insert_jobs", "insert_many", "job_values"]
 

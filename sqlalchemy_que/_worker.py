@@ -51,8 +51,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from . import _hooks
-from ._session import LockedJob, LockedSession, LostSessionError, StatementFailedError
-from .errors import (
+from ._errors import (
     FailJob,
     JobCancelledError,
     JobCrashedError,
@@ -62,7 +61,7 @@ from .errors import (
     UnknownJobClassError,
     WorkerError,
 )
-from .jobs import (
+from ._jobs import (
     JobContext,
     JobDefinition,
     JobRegistry,
@@ -70,6 +69,7 @@ from .jobs import (
     check_timeout,
     default_retry_delay,
 )
+from ._session import LockedJob, LockedSession, LostSessionError, StatementFailedError
 
 __all__ = ["Completion", "ErrorReporter", "Worker", "format_last_error"]
 

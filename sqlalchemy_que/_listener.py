@@ -6,7 +6,7 @@ each of its queues (see :mod:`sqlalchemy_que.notify`), and calls ``wake(queue)``
 ready: at once for a job due now, or when its ``run_at`` comes for a job due within the next
 hour (a timer), so that a scheduled job starts on time rather than at the next poll.
 
-It also listens on :data:`~sqlalchemy_que.notify.CANCEL_CHANNEL` and passes each job id
+It also listens on :data:`~sqlalchemy_que._notify.CANCEL_CHANNEL` and passes each job id
 asked to cancel to ``on_cancel`` (see :func:`sqlalchemy_que.admin.cancel`), so that a handler
 sees ``job.cancel_requested`` without any query of its own.
 
@@ -30,7 +30,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine
 
-from .notify import CANCEL_CHANNEL, channel_for, parse_payload
+from ._notify import CANCEL_CHANNEL, channel_for, parse_payload
 
 __all__ = ["Listener"]
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy import Connection, event, inspect, text
 
-from .model import QueJob
+from ._model import QueJob
 
 __all__ = [
     "CANCEL_CHANNEL",

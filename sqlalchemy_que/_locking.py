@@ -25,8 +25,8 @@ from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine
 
+from ._errors import LockError
 from ._session import LockedJob, LockedSession
-from .errors import LockError
 
 __all__ = ["JobLock", "LockedJob", "locked_job"]
 

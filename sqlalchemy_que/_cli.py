@@ -41,16 +41,16 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from . import admin, schema, stats
+from . import _stats, admin, schema
 from ._admin_cli import add_admin_commands
+from ._enqueue import insert_job
+from ._errors import QueError
+from ._jobs import JobDefinition, JobRegistry
+from ._locking import LockedJob
 from ._pool import WorkerPool
 from ._scheduler import schedule_states
 from ._supervisor import child_command, child_environment, supervise
-from .enqueue import insert_job
-from .errors import QueError
-from .jobs import JobDefinition, JobRegistry
-from .locking import LockedJob
-from .worker import check_completion
+from ._worker import check_completion
 
 __all__ = ["load_handlers", "main", "normalise_database_url"]
 
@@ -243,8 +243,8 @@ def check(database_url: str | None) -> None:
 
 
 def _print_stats(engine: Engine, as_json: bool, *, compact: bool = False) -> None:
-    job_stats = stats.job_stats(engine)
-    states = stats.worker_states(engine)
+    job_stats = _stats.job_stats(engine)
+    states = _stats.worker_states(engine)
     counts = admin.counts(engine)
     if as_json:
         click.echo(
@@ -663,7 +663,7 @@ def exit_if_jobs_still_running(still_running: list[LockedJob]) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True)
 def demo(database_url: str | None, jobs: int, workers: int) -> None:
     """Work a few hundred sample jobs, on a throwaway PostgreSQL unless --database-url."""
-    from .demo import run_demo  # only this command needs it
+    from ._demo import run_demo  # only this command needs it
 
     with _explained():
         run_demo(

