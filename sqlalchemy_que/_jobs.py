@@ -104,6 +104,7 @@ class JobContext:
         "_cancel",
         "_connection",
         "_deadline",
+        "_finishers",
         "_open_connection",
         "_session",
         "args",
@@ -145,6 +146,7 @@ class JobContext:
         self._connection = connection
         self._open_connection = open_connection
         self._session: Session | None = None
+        self._finishers: list[Callable[[bool], None]] = []
         self.max_attempts = max_attempts
         #: When the job's timeout runs out (UTC), or None without a timeout.
         self.deadline: datetime.datetime | None = None
@@ -213,14 +215,29 @@ class JobContext:
     def _finish_session(self, *, keep: bool) -> None:
         """Keep (on success) or drop what the handler did through the Session, then let go of
         it. Keeping flushes what is pending and releases the session's savepoint into the
-        job's transaction, which the worker then commits."""
-        if self._session is not None:
-            try:
-                if keep:
-                    self._session.commit()
-            finally:
-                self._session.close()
-                self._session = None
+        job's transaction, which the worker then commits. Then the callbacks given to
+        :meth:`_on_finish` run, each once, told whether the job's writes are kept."""
+        try:
+            if self._session is not None:
+                try:
+                    if keep:
+                        self._session.commit()
+                except BaseException:
+                    keep = False
+                    raise
+                finally:
+                    self._session.close()
+                    self._session = None
+        finally:
+            finishers, self._finishers = self._finishers, []
+            for finish in finishers:
+                finish(keep)
+
+    def _on_finish(self, finish: Callable[[bool], None]) -> None:
+        """Call ``finish(keep)`` when the job's writes are kept (right before the worker
+        commits the job's transaction: ``keep`` is True) or dropped (False). A ``finish``
+        that raises with ``keep`` True fails the job."""
+        self._finishers.append(finish)
 
     def __repr__(self) -> str:
         return (

@@ -17,7 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, inspect
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, SessionTransaction, UOWTransaction, scoped_session, sessionmaker
 
 from ._drain import FailedJob, fetch_job, run_locked_job, try_lock, unlock
@@ -100,7 +101,8 @@ class SynchronousMode:
     ) -> None:
         if self._accepts(session):
             session.info.setdefault(ENQUEUED_KEY, [])
-            session.info.setdefault(_CONNECTION_KEY, connection)
+            if _CONNECTION_KEY not in session.info and _is_queue_connection(session, connection):
+                session.info[_CONNECTION_KEY] = connection
 
     def _after_flush(self, session: Session, flush_context: UOWTransaction) -> None:
         if self._accepts(session):
@@ -181,6 +183,17 @@ class SynchronousMode:
     def __repr__(self) -> str:
         state = "on" if self._listening else "stopped"
         return f"<SynchronousMode {state} errors={self.errors!r} target={self.target!r}>"
+
+
+def _is_queue_connection(session: Session, connection: Connection) -> bool:
+    """Whether ``connection`` is where ``session`` writes ``que_jobs`` (a Session with
+    several binds, such as Flask-SQLAlchemy's with ``SQLALCHEMY_BINDS``, begins one
+    connection per database)."""
+    try:
+        bind = session.get_bind(mapper=inspect(QueJob))
+    except SQLAlchemyError:
+        return False  # no bind for the queue's table: this Session enqueues nothing
+    return bind is connection or bind is connection.engine
 
 
 def run_synchronously(

@@ -31,7 +31,9 @@ The worker runs each handler inside an application context of the app in which
 ``db.session`` *is the job's own session* (:attr:`~sqlalchemy_que.JobContext.session`), joined
 to the transaction that deletes the job: what the handler writes through ``db.session`` is
 committed together with the job's completion, or rolled back with the error that reschedules
-it. ``db.session.commit()`` in a handler only flushes.
+it. ``db.session.commit()`` in a handler only flushes. Models with a ``__bind_key__``
+(``SQLALCHEMY_BINDS``) go to their own databases, in transactions committed right before the
+job's (not atomically with it: see docs/flask.md).
 
 ``init_app`` adds a ``flask que`` command group: ``flask que worker``, ``flask que stats``,
 ``flask que schedules``, ``flask que migrate``, and the operations commands of
@@ -101,6 +103,7 @@ from ._cli import (
 )
 from ._drain import DatabaseBind, DrainReport, drain_wrapped
 from ._errors import ConfigurationError, QueError, WorkerError
+from ._flask_session import job_session
 from ._jobs import JobContext, JobRegistry
 from ._metrics import QueMetrics
 from ._pool import WorkerPool, _pool_capacity
@@ -383,13 +386,15 @@ def _in_app_context(
     def run_in_app_context(job: JobContext, *args: Any) -> object:
         with app.app_context():
             # Flask-SQLAlchemy scopes db.session by application context: in this one, it is
-            # the job's Session (a plain Session, hence the cast).
-            db.session.registry.set(cast(Any, job.session))
+            # the job's Session, routing binds as db.session does.
+            session = job_session(db, job)
+            db.session.registry.set(session)  # type: ignore[arg-type]
             result = handler(job, *args)
             # Popping the context runs Flask-SQLAlchemy's teardown, db.session.remove(),
-            # which closes the Session: first keep what the handler did (flush, and release
-            # the session's savepoint into the job's transaction).
-            job.session.commit()
+            # which closes the Session, and routing needs the app: first keep what the
+            # handler did (flush, and release the session's savepoints). The worker commits
+            # the other binds' transactions, then the job's.
+            session.commit()
         return result
 
     return run_in_app_context

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import uuid
 from typing import Any
 
+import psycopg
+import pytest
 from sqlalchemy import Engine, text
 
 from sqlalchemy_que import insert_job
@@ -49,3 +52,23 @@ def past(seconds: float = 60) -> datetime.datetime:
 
 def future(seconds: float = 3600) -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+
+
+def notifications(
+    listener: psycopg.Connection[Any], channel: str, *, timeout: float = 30.0
+) -> list[str]:
+    """The payloads ``listener`` (LISTENing, in autocommit) got from every transaction
+    committed before this call, and nothing else.
+
+    No short wait is guessed: ``listener`` notifies a marker on ``channel`` itself, and
+    PostgreSQL delivers notifications in the order their transactions committed, so every
+    earlier one has arrived by the time the marker does (``timeout`` only bounds a hang).
+    """
+    marker = f"end of notifications {uuid.uuid4().hex}"
+    listener.execute("SELECT pg_notify(%s, %s)", (channel, marker))
+    payloads: list[str] = []
+    for notification in listener.notifies(timeout=timeout):
+        if notification.payload == marker:
+            return payloads
+        payloads.append(notification.payload)
+    pytest.fail(f"the marker notified on {channel!r} did not arrive in {timeout}s")

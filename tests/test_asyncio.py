@@ -28,6 +28,7 @@ from sqlalchemy_que import InvalidJobError, JobContext, enqueue, job
 from sqlalchemy_que._notify import channel_for
 
 from .helpers import job_rows as _job_rows
+from .helpers import notifications
 
 T = TypeVar("T")
 UTC = datetime.timezone.utc
@@ -71,7 +72,7 @@ def listen(database_url: str) -> Iterator[Callable[[str], Callable[[], list[str]
 
     def on(queue: str) -> Callable[[], list[str]]:
         connection.execute(f'LISTEN "{channel_for(queue)}"')
-        return lambda: [n.payload for n in connection.notifies(timeout=0.5)]
+        return lambda: notifications(connection, channel_for(queue))
 
     yield on
     connection.close()

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,7 +38,7 @@ from sqlalchemy_que import (
 from sqlalchemy_que._notify import channel_for
 
 from .conftest import wait_for
-from .helpers import add_job, held_job_locks, job_rows, past
+from .helpers import add_job, held_job_locks, job_rows, notifications, past
 
 OWN_ADVISORY_LOCKS = text(
     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
@@ -584,12 +583,8 @@ def test_every_enqueue_on_an_autocommit_connection_notifies(
             assert driver(connection).autocommit
             for index in range(3):
                 insert_job(connection, "Note", index)
-        payloads: list[str] = []
-        deadline = time.monotonic() + 10
-        while len(payloads) < 3 and time.monotonic() < deadline:
-            payloads += [n.payload for n in listener.notifies(timeout=0.5, stop_after=1)]
-        assert len(payloads) == 3, f"only {len(payloads)} of 3 enqueues notified"
-        payloads += [n.payload for n in listener.notifies(timeout=0.1)]  # nothing more
+        # One per enqueue, each its own transaction, and nothing more.
+        payloads = notifications(listener, channel_for(""))
         assert payloads == ['{"queue": "", "run_at": null}'] * 3
     finally:
         listener.close()

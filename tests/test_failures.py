@@ -257,7 +257,9 @@ def test_a_job_that_overruns_its_timeout_is_recorded_as_a_timeout(engine: Engine
     @registry.job("Slow", timeout=0.05)
     def slow(job: JobContext) -> None:
         left = job.time_left()
-        seen.append((job.deadline is not None, left is not None and 0 < left <= 0.05))
+        # At most the timeout (on a loaded machine it may be spent already: only the upper
+        # bound is certain).
+        seen.append((job.deadline is not None, left is not None and left <= 0.05))
         while (job.time_left() or 0) > -0.01:
             time.sleep(0.005)  # the work that takes too long
 
@@ -276,7 +278,8 @@ def test_the_timeout_cancels_the_jobs_statements(engine: Engine) -> None:
     add_job(engine, "Sleepy")
     started = time.monotonic()
     assert Worker(engine, {"Sleepy": sleepy}, timeout=0.3).work_one()
-    assert time.monotonic() - started < 10
+    # Generous on purpose: without the timeout the statement sleeps 30 s.
+    assert time.monotonic() - started < 20
     [row] = job_rows(engine)
     assert row["last_error"].startswith("sqlalchemy_que.JobTimeoutError: job ")
     assert "QueryCanceled" in row["last_error"].split("\n", 1)[0]

@@ -373,6 +373,10 @@ def test_a_terminated_connection_under_a_job_loses_nothing_and_the_worker_surviv
         (state,) = worker_states(engine)
         assert state.job_id == job_id
         with engine.connect() as admin:
+            first_run = admin.execute(
+                text("SELECT started_at::text FROM que_job_runs WHERE job_id = :id"),
+                {"id": job_id},
+            ).scalar_one()
             assert admin.execute(
                 text("SELECT pg_terminate_backend(:pid)"), {"pid": state.pg_backend_pid}
             ).scalar_one()
@@ -386,19 +390,20 @@ def test_a_terminated_connection_under_a_job_loses_nothing_and_the_worker_surviv
         thread.join(5)
         worker_engine.dispose()
     assert not thread.is_alive()
-    assert len(calls) == 2
-    assert calls[0] == (7, 0, None)
-    value, error_count, last_error = calls[1]
-    assert value == 7
-    # The worker writes nothing about a job once its session (and lock) is gone; the crash
-    # mark its run left makes the next lock count that run as a failed attempt. Either way
-    # the job was neither lost nor dropped.
-    if error_count:
-        assert error_count == 1
-        assert last_error is not None
-        assert last_error.startswith("sqlalchemy_que.JobCrashedError: job ")
-    else:
-        assert last_error is None
+    # The worker writes nothing about a job once its session (and lock) is gone. The crash
+    # mark of the first run, committed before its handler started, stays: the next lock
+    # counts that run as a failed attempt (retry_delay=0: due at once), and the run after
+    # it works the job, told of the crash.
+    assert calls == [
+        (7, 0, None),
+        (
+            7,
+            1,
+            f"sqlalchemy_que.JobCrashedError: job {job_id} Flaky: its earlier run (started at "
+            f"{first_run} by backend pid {state.pg_backend_pid}) ended without an outcome; its "
+            "worker process died (killed, out of memory, os._exit) or lost its connection",
+        ),
+    ]
     assert held_job_locks(engine) == []
 
 
@@ -690,12 +695,11 @@ def test_a_database_outage_makes_the_worker_back_off_and_never_die(
         assert thread.is_alive()
     finally:
         worker.stop()
-        started = time.monotonic()
-        thread.join(5)
-        stopped_in = time.monotonic() - started
+        # Stopping is what ends the thread (how promptly a sleeping worker stops is
+        # test_stopping_a_pool_of_sleeping_workers_returns_promptly's).
+        thread.join(30)
         unreachable.dispose()
     assert not thread.is_alive()
-    assert stopped_in < 2
     records = database_errors()
     assert [getattr(record, "backoff", None) for record in records[:4]] == [0.1, 0.2, 0.4, 0.8]
     assert all(record.levelno == logging.WARNING for record in records)
@@ -790,7 +794,9 @@ def test_shutdown_with_a_slow_job_returns_in_time_and_the_job_still_completes(
         began = time.monotonic()
         still_running = pool.shutdown(timeout=0.5)
         took = time.monotonic() - began
-        assert 0.45 <= took < 2, took
+        # It waits the 0.5 s it was given, and not for the job, which holds on for 15 s
+        # (the upper bound is generous on purpose, for a loaded machine).
+        assert 0.45 <= took < 10, took
         assert [type(item) for item in still_running] == [LockedJob]
         assert [item.job_id for item in still_running] == [job_id]
         assert still_running[0].job_class == "Slow"
@@ -825,11 +831,10 @@ def test_stopping_a_pool_of_sleeping_workers_returns_promptly(
         wait_for(lambda: all(w.sleeping for w in pool.workers), message="both asleep")
         looked = len(checkins)
         assert pool.is_alive()
-        began = time.monotonic()
-        assert pool.shutdown(timeout=10) == []
-        took = time.monotonic() - began
+        # The workers sleep for 60 s: only a wake-up ends them within the 30 s given (a
+        # bound generous on purpose, for a loaded machine).
+        assert pool.shutdown(timeout=30) == []
         assert not pool.is_alive()
-        assert took < 2, took
         assert len(checkins) == looked  # nobody looked for a job again on the way out
     finally:
         pool.shutdown(timeout=5)

@@ -268,13 +268,15 @@ def test_schedule_states_and_the_cli(clean: Engine, database_url: str) -> None:
     from .schedule_handlers import registry
 
     seed(clean, "Ping", at(2026, 5, 1, 12, 0, 30))
+    before = datetime.datetime.now(UTC)
     states = {state.name: state for state in schedule_states(clean, registry)}
+    after = datetime.datetime.now(UTC)
     assert set(states) == {"Nightly", "Ping"}
     assert states["Ping"].last_tick == at(2026, 5, 1, 12, 0, 30)
     assert states["Ping"].last_job_id is None
     assert states["Nightly"].last_tick is None
-    now = datetime.datetime.now(UTC)
-    assert now < states["Ping"].next_tick <= now + datetime.timedelta(seconds=31)
+    # The next tick after the moment schedule_states looked, wherever in its 30 s it fell.
+    assert before < states["Ping"].next_tick <= after + datetime.timedelta(seconds=30)
     assert states["Nightly"].next_tick.astimezone(PARIS).strftime("%H:%M") in ("02:30", "03:00")
 
     runner = CliRunner()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -129,11 +128,25 @@ def test_rollback_releases_nothing_it_did_not_take(clean: Engine) -> None:
         assert insert_job(connection, "Job", unique_key="held") is None
 
 
+#: Backends of the test database waiting for a lock (the enqueuers blocked on one another).
+LOCK_WAITS = text(
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+
+
 def test_eight_concurrent_enqueuers_create_exactly_one_job(clean: Engine) -> None:
     barrier = threading.Barrier(8)
     results: list[int | None] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
+    back = [0]  # enqueuers whose insert_job returned, in this round
+
+    def everybody_back_or_waiting() -> bool:
+        with clean.connect() as observer:
+            waiting = int(observer.execute(LOCK_WAITS).scalar_one())
+        with lock:
+            return back[0] + waiting >= 8
 
     def enqueue_once() -> None:
         try:
@@ -141,7 +154,11 @@ def test_eight_concurrent_enqueuers_create_exactly_one_job(clean: Engine) -> Non
                 with connection.begin():
                     barrier.wait(timeout=10)
                     result = insert_job(connection, "Report", unique_key="report:daily")
-                    time.sleep(0.05)  # hold the transaction open: the others wait on it
+                    with lock:
+                        back[0] += 1
+                    # Hold the transaction open until every other enqueuer has come back
+                    # or waits on a lock: the contended path is taken, whatever the timing.
+                    wait_for(everybody_back_or_waiting, timeout=30, message="the others")
                 with lock:
                     results.append(result)
         except BaseException as error:
@@ -149,14 +166,14 @@ def test_eight_concurrent_enqueuers_create_exactly_one_job(clean: Engine) -> Non
 
     for _ in range(3):  # a free key, then a key held by a committed job, then a stale one
         results.clear()
+        back[0] = 0
         threads = [threading.Thread(target=enqueue_once) for _ in range(8)]
-        started = time.monotonic()
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(timeout=30)
+            thread.join(timeout=60)
         assert not errors
-        assert time.monotonic() - started < 10  # nobody blocked for long, no deadlock
+        assert not any(thread.is_alive() for thread in threads)  # no deadlock
         created = [r for r in results if r is not None]
         if _ == 1:
             assert created == []

@@ -20,7 +20,7 @@ from sqlalchemy_que import JobContext, WorkerPool, enqueue, insert_job, insert_j
 from sqlalchemy_que._notify import channel_for, parse_payload
 
 from .conftest import wait_for
-from .helpers import job_rows
+from .helpers import job_rows, notifications
 
 UTC = datetime.timezone.utc
 
@@ -31,17 +31,13 @@ def libpq_url(database_url: str) -> str:
 
 @pytest.fixture
 def listen(database_url: str) -> Iterator[Any]:
-    """A raw psycopg connection to LISTEN on, returning a function that collects what
-    arrived within a short time."""
+    """A raw psycopg connection to LISTEN on, returning a function that collects what the
+    transactions committed so far notified."""
     connection = psycopg.connect(libpq_url(database_url), autocommit=True)
 
     def on(queue: str) -> Any:
         connection.execute(f'LISTEN "{channel_for(queue)}"')
-
-        def received(within: float = 0.5) -> list[str]:
-            return [n.payload for n in connection.notifies(timeout=within)]
-
-        return received
+        return functools.partial(notifications, connection, channel_for(queue))
 
     yield on
     connection.close()
@@ -139,10 +135,11 @@ def test_a_committed_job_starts_at_once_while_every_worker_sleeps(
         for name in ("a", "b", "c"):
             with Session(engine) as session:
                 session.add(enqueue("Record", name, queue="fast"))
-                committed = time.monotonic()
                 session.commit()
-            wait_for(functools.partial(operator.contains, started, name), timeout=5)
-            assert started[name] - committed < 1.0  # generous: the benchmark measures
+            # The workers sleep for 60 s: only the wake-up starts the job within 30 s (a
+            # bound generous on purpose, for a loaded machine; the benchmark measures the
+            # latency).
+            wait_for(functools.partial(operator.contains, started, name), timeout=30)
     finally:
         assert pool.shutdown(5) == []
 
@@ -152,16 +149,17 @@ def test_a_job_due_in_two_seconds_starts_on_time(engine: Engine, started: dict[s
     pool.start()
     try:
         assert pool.listener is not None and pool.listener.connected.wait(5)
+        # The same instant on both clocks (the handler records the monotonic one).
+        now, now_monotonic = datetime.datetime.now(UTC), time.monotonic()
         with engine.begin() as connection:
             insert_job(
-                connection,
-                "Record",
-                "scheduled",
-                run_at=datetime.datetime.now(UTC) + datetime.timedelta(seconds=2),
+                connection, "Record", "scheduled", run_at=now + datetime.timedelta(seconds=2)
             )
-            committed = time.monotonic()
-        wait_for(lambda: "scheduled" in started, timeout=10, message="the scheduled job")
-        assert 1.5 < started["scheduled"] - committed < 3.5
+        due = now_monotonic + 2
+        # Not before it is due; and well before the workers' 60 s sleep ends (30 s: a bound
+        # generous on purpose, for a loaded machine).
+        wait_for(lambda: "scheduled" in started, timeout=30, message="the scheduled job")
+        assert due - 0.01 <= started["scheduled"] < due + 30
     finally:
         assert pool.shutdown(5) == []
 
@@ -209,9 +207,9 @@ def test_wake_ups_resume_after_the_listening_connection_is_killed(
         wait_for(lambda: all(w.sleeping for w in pool.workers), message="workers asleep")
         with engine.begin() as connection:
             insert_job(connection, "Record", "after")
-            committed = time.monotonic()
-        wait_for(lambda: "after" in started, timeout=5, message="the job after reconnecting")
-        assert started["after"] - committed < 1.0
+        # The workers sleep for 60 s: only the new listener's wake-up starts the job within
+        # 30 s (a bound generous on purpose, for a loaded machine).
+        wait_for(lambda: "after" in started, timeout=30, message="the job after reconnecting")
         assert all(thread.is_alive() for thread in pool._threads)
     finally:
         assert pool.shutdown(5) == []

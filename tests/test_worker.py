@@ -458,8 +458,12 @@ def test_the_job_transaction_survives_an_idle_in_transaction_timeout(
     calls: list[int] = []
 
     def slow(job: JobContext) -> None:
+        job.connection.execute(text("SELECT 1"))  # the job's transaction is open from here
         calls.append(job.job_id)
-        time.sleep(0.8)  # stands in for work done in Python while the transaction is open
+        # Not synchronisation: the condition under test, idle in the open transaction for
+        # longer than the server allows (load only makes it longer).
+        time.sleep(0.8)
+        job.connection.execute(text("SELECT 1"))
 
     try:
         add_job(engine, "Slow")
