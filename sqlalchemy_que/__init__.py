@@ -17,6 +17,7 @@ the guide.
 from __future__ import annotations
 
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING, Any
 
 from . import _tables  # noqa: F401  # our tables join sqlalchemy_que.metadata
 from ._enqueue import enqueue, insert_job, insert_jobs, insert_many
@@ -49,7 +50,27 @@ from ._tracing import QueTracing, install_tracing
 from ._worker import Worker
 from .schema import check_schema, migrate
 
+if TYPE_CHECKING:
+    from ._async_context import AsyncJobContext
+    from ._async_pool import AsyncWorkerPool
+
+#: Names whose modules import SQLAlchemy's asyncio extension: imported on first use, so that
+#: the sync API never loads it.
+_ASYNC_NAMES = {"AsyncJobContext": "_async_context", "AsyncWorkerPool": "_async_pool"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _ASYNC_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sqlalchemy_que' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
 __all__ = [
+    "AsyncJobContext",
+    "AsyncWorkerPool",
     "ConfigurationError",
     "FailJob",
     "FailedJob",

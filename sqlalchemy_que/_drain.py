@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import BigInteger, DateTime, Float, Text
 
 from ._errors import QueError, UnknownJobClassError
-from ._jobs import JobContext, JobDefinition, JobRegistry
+from ._jobs import JobContext, JobDefinition, JobRegistry, refuse_async_handlers
 from ._worker import Handlers, format_last_error, registry_of, retry_delay
 
 __all__ = [
@@ -391,6 +391,7 @@ def drain_wrapped(
     """:func:`drain`, with each handler wrapped by ``wrap`` (the Flask extension runs them
     in an application context)."""
     registry = registry_of(handlers)
+    refuse_async_handlers(registry, "the test drain")
     chosen = _check_queues(queue, queues)
     at, ahead = _check_now(now)
     limit = _check_max_jobs(max_jobs)
@@ -568,6 +569,7 @@ def call_handler(
     :param context: the JobContext to pass, made with :func:`job_context` for other fields
         (``error_count``, ``job_id``...).
     """
+    refuse_async_handlers({definition.name: definition}, "call_handler()")
     positional = definition.positional(*args, **kwargs)
     if context is None:
         context = job_context(definition, positional, connection=connection)

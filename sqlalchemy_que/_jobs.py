@@ -33,7 +33,7 @@ import time
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias
+from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
@@ -248,6 +248,33 @@ class JobContext:
 
 Handler: TypeAlias = "Callable[..., object]"
 
+#: The type of a handler's first parameter: JobContext, or AsyncJobContext for ``async def``.
+_Context = TypeVar("_Context", bound=JobContext)
+
+
+def is_async_handler(handler: object) -> bool:
+    """True for an ``async def`` handler (or a callable object whose ``__call__`` is one):
+    only :class:`~sqlalchemy_que.AsyncWorkerPool` runs those."""
+    return inspect.iscoroutinefunction(handler) or (
+        callable(handler)
+        and not inspect.isroutine(handler)
+        and inspect.iscoroutinefunction(type(handler).__call__)
+    )
+
+
+def refuse_async_handlers(registry: Mapping[str, JobDefinition[Any]], what: str) -> None:
+    """Refuse a registry with ``async def`` handlers for a sync worker (``what``).
+
+    :raises InvalidJobError: naming the async handlers' jobs.
+    """
+    names = sorted(name for name, d in registry.items() if is_async_handler(d.handler))
+    if names:
+        raise InvalidJobError(
+            f"{what} runs plain def handlers, but the handlers of {', '.join(map(repr, names))} "
+            "are async def: run them with sqlalchemy_que.AsyncWorkerPool on an AsyncEngine "
+            "(sqlalchemy-que worker chooses it by itself), which runs plain handlers too"
+        )
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class JobDefinition(JobDefaults, Generic[P]):
@@ -257,7 +284,8 @@ class JobDefinition(JobDefaults, Generic[P]):
     """
 
     name: str
-    handler: Callable[Concatenate[JobContext, P], object]
+    #: Takes a JobContext first (an AsyncJobContext for an ``async def``).
+    handler: Callable[Concatenate[Any, P], object]
     queue: str | None = None
     priority: int | None = None
     retry_delay: RetryDelay | None = None
@@ -455,23 +483,13 @@ def _handler_problem(handler: Handler) -> str | None:
         # A callable object's __call__: inspect looks only at functions, methods and partials.
         functions.append(type(handler).__call__)
     for function in functions:
-        if inspect.iscoroutinefunction(function):
-            kind = "a coroutine function (async def)"
-        elif inspect.isasyncgenfunction(function):
-            kind = "an async generator function"
-        elif inspect.isgeneratorfunction(function):
+        if inspect.isasyncgenfunction(function) or inspect.isgeneratorfunction(function):
+            kind = "an async generator" if inspect.isasyncgenfunction(function) else "a generator"
             return (
-                "is a generator function; the worker would only create the generator, never "
-                "run its body, and delete the job as done: write a plain function that "
-                "returns when the work is done"
+                f"is {kind} function; the worker would only create the generator, never run "
+                "its body, and delete the job as done: write a function (def or async def) "
+                "that returns when the work is done"
             )
-        else:
-            continue
-        return (
-            f"is {kind}; async handlers are not supported yet: the worker would not await it "
-            "and would delete the job as done without running it. Write a plain def (it may "
-            "call asyncio.run() on a coroutine)"
-        )
     try:
         # String annotations (``from __future__ import annotations``) evaluated.
         parameters = list(inspect.signature(handler, eval_str=True).parameters.values())
@@ -558,7 +576,7 @@ def job(
     schedule: Schedule | Sequence[Schedule] = (),
     max_attempts: int | None = None,
     timeout: float | datetime.timedelta | None = None,
-) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
+) -> Callable[[Callable[Concatenate[_Context, P], object]], JobDefinition[P]]:
     """Declare a job: decorate its handler to get a :class:`JobDefinition`.
 
     :param name: the ``job_class`` stored in ``que_jobs``; for jobs shared with Ruby, the Ruby
@@ -577,15 +595,15 @@ def job(
     :param timeout: seconds a run may take (a number or a ``timedelta``): its transaction
         gets that ``statement_timeout``, and a run that overruns is failed as a timeout;
         default None: the worker's ``timeout`` (none).
-    :raises InvalidJobError: when decorating a handler the worker cannot run: an ``async def``
-        (async handlers are not supported yet), an async generator or generator function,
+    :raises InvalidJobError: when decorating a handler no worker can run: an async generator
+        or generator function,
         one with keyword-only parameters, or one whose first positional parameter cannot
         take the :class:`JobContext`.
     """
 
     schedules = (schedule,) if isinstance(schedule, Schedule) else tuple(schedule)
 
-    def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
+    def decorate(handler: Callable[Concatenate[_Context, P], object]) -> JobDefinition[P]:
         return JobDefinition(
             name=name,
             handler=handler,
@@ -652,10 +670,10 @@ class JobRegistry(Mapping[str, "JobDefinition[Any]"]):
         schedule: Schedule | Sequence[Schedule] = (),
         max_attempts: int | None = None,
         timeout: float | datetime.timedelta | None = None,
-    ) -> Callable[[Callable[Concatenate[JobContext, P], object]], JobDefinition[P]]:
+    ) -> Callable[[Callable[Concatenate[_Context, P], object]], JobDefinition[P]]:
         """Like :func:`job`, and register the definition here."""
 
-        def decorate(handler: Callable[Concatenate[JobContext, P], object]) -> JobDefinition[P]:
+        def decorate(handler: Callable[Concatenate[_Context, P], object]) -> JobDefinition[P]:
             definition = job(
                 name,
                 queue=queue,

@@ -68,6 +68,7 @@ from ._jobs import (
     check_max_attempts,
     check_timeout,
     default_retry_delay,
+    refuse_async_handlers,
 )
 from ._session import LockedJob, LockedSession, LostSessionError, StatementFailedError
 
@@ -284,6 +285,10 @@ class Worker:
             )
         self.engine = engine
         self.registry = registry_of(handlers)
+        try:
+            refuse_async_handlers(self.registry, "a Worker (and WorkerPool)")
+        except QueError as error:
+            raise WorkerError(str(error)) from None
         self.queues = check_queues(queues if queues is not None else [queue])
         self.completion = check_completion(completion)
         self.batch_size = check_batch_size(batch_size, self.completion)

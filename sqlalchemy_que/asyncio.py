@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import _stats as _stats
+from ._async_context import AsyncJobContext
+from ._async_pool import AsyncWorkerPool
 from ._enqueue import insert_job as _insert_job
 from ._enqueue import insert_jobs as _insert_jobs
 from ._enqueue import insert_many as _insert_many
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncBind",
+    "AsyncJobContext",
+    "AsyncWorkerPool",
     "clear",
     "insert_job",
     "insert_jobs",
