@@ -692,7 +692,6 @@ class AsyncWorkerPool:
                 "a WorkerPool (or sqlalchemy-que worker with a plain def handler registry) "
                 "for them"
             )
-        self.stopping = False
         if self.listener is not None and not burst:
             self.listener.start()
         loop = asyncio.get_running_loop()

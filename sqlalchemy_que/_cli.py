@@ -43,6 +43,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from . import _stats, admin, schema
 from ._admin_cli import add_admin_commands
+from ._async_cli import has_async_handlers, run_async_pool
 from ._enqueue import insert_job
 from ._errors import QueError
 from ._jobs import JobDefinition, JobRegistry
@@ -438,7 +439,8 @@ add_admin_commands(main, options=_database_option, engine_for=_engine_for)
     show_envvar=True,
     type=click.IntRange(min=1),
     default=None,
-    help="Worker threads per process [default: 4, or the sum of the --queue counts].",
+    help="Worker threads per process [default: 4, or the sum of the --queue counts]; with "
+    "async def handlers, jobs at once per process [default: 10].",
 )
 @click.option(
     "--processes",
@@ -534,7 +536,10 @@ def worker(
     metrics_port: int | None,
     metrics_addr: str,
 ) -> None:
-    """Run a pool of workers for the handlers at IMPORT_PATH (module:attribute)."""
+    """Run a pool of workers for the handlers at IMPORT_PATH (module:attribute).
+
+    A registry with any async def handler runs in the async pool (AsyncWorkerPool), which
+    runs its plain def handlers too."""
     _configure_logging(log_level, log_format)
     if metrics_port is not None and processes > 1:
         raise click.BadParameter(
@@ -552,13 +557,20 @@ def worker(
     }
     with _explained():
         handlers = load_handlers(import_path)
+        if has_async_handlers(handlers) and processes == 1:
+            metrics = None if metrics_port is None else (metrics_port, metrics_addr)
+            _run_async_worker(handlers, database_url, options, burst, shutdown_timeout, metrics)
+            return
         # One connection per worker while it works, and a little room for checks.
         threads = workers or (sum(queues.values()) if isinstance(queues, dict) else 4)
         engine = _engine(database_url, pool_size=threads, max_overflow=2, pool_pre_ping=True)
         try:
-            pool = WorkerPool(engine, handlers, **options)
-            if processes > 1:
-                pool._preflight()  # refuse a bad setting once, here, not in every child
+            if has_async_handlers(handlers):  # each child process runs an async pool
+                _async_worker_options(options)
+            else:
+                pool = WorkerPool(engine, handlers, **options)
+                if processes > 1:
+                    pool._preflight()  # refuse a bad setting once, here, not in every child
         finally:
             if processes > 1:
                 engine.dispose()
@@ -596,6 +608,60 @@ def worker(
             engine.dispose()
     exit_if_jobs_still_running(still_running)
     exit_if_jobs_failed(pool, burst)
+
+
+def _async_worker_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The sync pool's options as the async pool's (``--workers`` is its concurrency)."""
+    if options["completion"] != "job":
+        raise QueError(
+            "--completion batch is for plain def handlers; this registry has async def "
+            "handlers, which the async worker completes one job per transaction"
+        )
+    queues = options["queues"]
+    concurrency = options["workers"] or (None if isinstance(queues, dict) else 10)
+    return {**options, "concurrency": concurrency}
+
+
+def _run_async_worker(
+    handlers: JobRegistry,
+    database_url: str | None,
+    options: dict[str, Any],
+    burst: bool,
+    shutdown_timeout: float | None,
+    metrics: tuple[int, str] | None,
+) -> None:
+    """Run the registry's handlers in an AsyncWorkerPool: it has ``async def`` handlers."""
+    settings = _async_worker_options(options)
+    gauges = _engine(database_url, pool_size=1, max_overflow=0)  # checks the URL too
+    url = normalise_database_url(str(database_url))
+    if metrics is not None:
+        from ._metrics import install_metrics
+
+        install_metrics(gauges).serve(*metrics)  # run counts come from the job hooks
+    queues = settings["queues"]
+    size = settings["concurrency"] or sum(queues.values())
+    engine_options = with_connect_timeout(
+        url, {"pool_size": size, "max_overflow": 2, "pool_pre_ping": True}
+    )
+    try:
+        cancelled, failed = run_async_pool(
+            url,
+            handlers,
+            engine_options=engine_options,
+            queues=queues,
+            concurrency=settings["concurrency"],
+            batch_size=settings["batch_size"],
+            wake_interval=settings["wake_interval"],
+            listen=settings["listen"],
+            burst=burst,
+            shutdown_timeout=shutdown_timeout,
+        )
+    finally:
+        gauges.dispose()
+    exit_if_jobs_still_running(cancelled)
+    if burst and failed:
+        click.echo(f"{failed} job run(s) failed", err=True)
+        sys.exit(EXIT_JOBS_FAILED)
 
 
 def _child_options(queue_options: tuple[str, ...], workers: int | None) -> list[str]:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -393,7 +392,8 @@ def test_a_terminated_backend_under_an_async_job_loses_nothing(
         if len(calls) == 1:
             started.set()
             await asyncio.wait_for(terminated.wait(), 10)
-        await job.session.execute(text(f"INSERT INTO {table} VALUES (:id, 'x')"), {"id": job.job_id})
+        insert = text(f"INSERT INTO {table} VALUES (:id, 'x')")
+        await job.session.execute(insert, {"id": job.job_id})
 
     job_id = add_job(engine, "Flaky")
 
@@ -405,9 +405,7 @@ def test_a_terminated_backend_under_an_async_job_loses_nothing(
             await asyncio.wait_for(started.wait(), 10)
             with engine.connect() as admin:
                 pid = admin.execute(
-                    text(
-                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :id"
-                    ),
+                    text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :id"),
                     {"id": job_id},
                 ).scalar_one()
                 admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
@@ -433,8 +431,16 @@ def test_an_async_pool_process_killed_mid_job_leaves_the_job_intact_and_unlocked
     paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     log = (tmp_path / "worker.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.async_handlers", "block", "--url", database_url]
-        + ["--app-name", app_name],
+        [
+            sys.executable,
+            "-m",
+            "tests.async_handlers",
+            "block",
+            "--url",
+            database_url,
+            "--app-name",
+            app_name,
+        ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
         stdout=log,
@@ -483,8 +489,19 @@ def test_the_cli_runs_async_handlers_in_the_async_pool(
 ) -> None:
     job_id = add_job(engine, "AsyncRecord", table)
     result = subprocess.run(
-        [sys.executable, "-m", "sqlalchemy_que", "worker", "tests.async_handlers:registry"]
-        + ["--burst", "--no-listen", "--workers", "2", "--database-url", database_url],
+        [
+            sys.executable,
+            "-m",
+            "sqlalchemy_que",
+            "worker",
+            "tests.async_handlers:registry",
+            "--burst",
+            "--no-listen",
+            "--workers",
+            "2",
+            "--database-url",
+            database_url,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -494,7 +511,7 @@ def test_the_cli_runs_async_handlers_in_the_async_pool(
     assert result.returncode == 0, result.stdout + result.stderr
     assert rows(engine, table) == [(job_id, "task")]
     assert job_rows(engine) == []
-    assert "async worker tasks" in result.stderr, result.stderr
+    assert "worker tasks" in result.stderr, result.stderr
 
 
 def test_sync_workers_refuse_async_handlers_naming_them(engine: Engine) -> None:
@@ -552,8 +569,18 @@ def test_type_checkers_see_the_async_job_arguments(tmp_path: Path) -> None:
     (tmp_path / "good.py").write_text(TYPED_MODULE + good)
     (tmp_path / "bad.py").write_text(TYPED_MODULE + bad)
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-error-summary", "--show-error-codes"]
-        + ["--cache-dir", str(tmp_path / ".mypy_cache"), "good.py", "bad.py"],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-error-summary",
+            "--show-error-codes",
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            "good.py",
+            "bad.py",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -565,4 +592,3 @@ def test_type_checkers_see_the_async_job_arguments(tmp_path: Path) -> None:
     errors = [line for line in lines if line.startswith("bad.py") and ": error:" in line]
     assert [line.split(":")[1] for line in errors] == ["12", "13"], result.stdout
     assert '"str"' in errors[0] and '"int"' in errors[0], errors[0]
-    assert textwrap.dedent("") == ""

@@ -23,6 +23,8 @@ from sqlalchemy_que import (
     JobDefinition,
     JobRegistry,
     Worker,
+    WorkerError,
+    WorkerPool,
     default_retry_delay,
     enqueue,
     insert_job,
@@ -30,6 +32,7 @@ from sqlalchemy_que import (
     insert_many,
     job,
 )
+from sqlalchemy_que.testing import drain
 
 UTC = datetime.timezone.utc
 LATER = datetime.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
@@ -408,21 +411,16 @@ class AsyncCallable:
 @pytest.mark.parametrize(
     ("handler", "kind"),
     [
-        (coroutine_handler, r"a coroutine function \(async def\)"),
-        (functools.partial(coroutine_handler, user_id=1), r"a coroutine function \(async def\)"),
-        (AsyncCallable(), r"a coroutine function \(async def\)"),
         (async_generator_handler, "an async generator function"),
         (generator_handler, "a generator function"),
     ],
 )
-def test_async_and_generator_handlers_are_refused_wherever_they_are_given(
+def test_generator_handlers_are_refused_wherever_they_are_given(
     handler: Any, kind: str, engine: Engine
 ) -> None:
-    """The worker would call them, get a coroutine or generator it never runs, and delete the
-    job as done."""
-    message = rf"the handler of job 'Bad' is {kind}; "
-    if "generator function" not in kind or "async" in kind:
-        message += r"async handlers are not supported yet"
+    """The worker would call them, get a generator it never runs, and delete the job as
+    done."""
+    message = rf"the handler of job 'Bad' is {kind}; the worker would only create"
     with pytest.raises(InvalidJobError, match=message):
         job("Bad")(handler)
     with pytest.raises(InvalidJobError, match=message):
@@ -431,8 +429,26 @@ def test_async_and_generator_handlers_are_refused_wherever_they_are_given(
         JobDefinition("Bad", handler)
     with pytest.raises(InvalidJobError, match=message):
         JobRegistry({"Bad": handler})
-    with pytest.raises(InvalidJobError, match=message):
-        Worker(engine, {"Bad": handler})
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [coroutine_handler, functools.partial(coroutine_handler), AsyncCallable()],
+)
+def test_async_handlers_are_declared_but_refused_by_the_sync_workers_and_the_drain(
+    handler: Any, engine: Engine
+) -> None:
+    """Only AsyncWorkerPool awaits them: a sync worker would get a coroutine it never runs
+    and delete the job as done."""
+    definition = job("Async")(handler)
+    assert JobRegistry({"Async": handler})["Async"].handler is handler
+    message = r"the handlers of 'Async' are async def: run them with sqlalchemy_que\.AsyncWorker"
+    with pytest.raises(WorkerError, match=message):
+        Worker(engine, {"Async": handler})
+    with pytest.raises(WorkerError, match=message):
+        WorkerPool(engine, [definition])
+    with engine.connect() as connection, pytest.raises(InvalidJobError, match=message):
+        drain(connection, [definition])
 
 
 def first_is_an_id(user_id: int, template: str) -> None:
