@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sqlalchemy_que.testing import find_postgres_bindir, temporary_postgres
 
-from . import ceiling, drain, enqueue, latency, peers
+from . import async_drain, ceiling, drain, enqueue, latency, peers
 from .database import BenchDatabase
 from .measure import Figure, Run
 from .report import format_machine, format_table, write_chart, write_json
@@ -114,6 +114,13 @@ def _drain(suite: _Suite) -> Plan:
             (
                 Figure("drain", entry.key, entry.label, "jobs/s", entry.ceiling),
                 functools.partial(entry.measure, suite.database, suite.sizes.drain),
+            )
+        )
+    for async_entry in async_drain.ASYNC_PLAN:  # beside the sync pool's, in the same stage
+        plan.append(
+            (
+                Figure("drain", async_entry.key, async_entry.label, "jobs/s", async_entry.ceiling),
+                functools.partial(async_entry.measure, suite.database, suite.sizes.drain),
             )
         )
     for names, keys in unsupported.items():

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from benchmarks import ceiling, drain, peers
+from benchmarks import async_drain, ceiling, drain, peers
 from benchmarks.database import BenchDatabase
 from benchmarks.measure import Figure, Run
 from benchmarks.report import best_peers, format_table, peer_ratios
@@ -162,3 +162,29 @@ def test_a_peer_drains_every_job_through_its_own_api(
     assert run.detail["succeeded"] == 200
     assert len(run.detail["process_reports"]) == peer.processes
     assert run.value > 0
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        async_drain.AsyncDrain(workers=2),
+        async_drain.AsyncDrain(workers=2, write=True),
+        async_drain.AsyncDrain(workers=2, kind="sync", write=True),
+    ],
+    ids=lambda entry: entry.key,
+)
+def test_the_async_pools_drains_and_their_sync_baseline_work_every_job(
+    bench: BenchDatabase, entry: async_drain.AsyncDrain
+) -> None:
+    run = entry.measure(bench, 200)
+    assert run.detail["left_behind"] == 0
+    assert run.detail["written"] == (200 if entry.write else 0)
+    assert run.value > 0
+    assert _advisory_locks(bench) == 0
+
+
+def test_the_async_drain_keys_sit_beside_the_sync_ones() -> None:
+    keys = [entry.key for entry in async_drain.ASYNC_PLAN]
+    assert len(set(keys)) == len(keys)
+    assert not set(keys) & {entry.key for entry in drain.PLAN}
+    assert "drain.async.tasks.4" in keys and "drain.write.threads.4" in keys

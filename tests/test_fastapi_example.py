@@ -1,6 +1,6 @@
 """The FastAPI example of ``docs/examples/fastapi_app.py``, driven through httpx's ASGI
 transport with the app's lifespan: a request's user and job commit together or not at all, and
-the worker's handler writes through ``job.session``."""
+the async worker's handler writes through ``job.session`` (an AsyncSession)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,6 @@ def test_a_rolled_back_request_leaves_neither_user_nor_job(
         assert [row["job_class"] for row in job_rows(engine)] == ["SendWelcome"]
 
     try:
-        serve(create_app(database_url, workers=0), requests)
+        serve(create_app(database_url, concurrency=0), requests)
     finally:
         Base.metadata.drop_all(engine)

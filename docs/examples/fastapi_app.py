@@ -2,26 +2,26 @@
 
 ``POST /signups`` creates a user and enqueues ``SendWelcome`` in one ``AsyncSession``
 transaction: both commit, or neither (``?fail=1`` rolls the request back after the enqueue).
-The job is worked by a :class:`~sqlalchemy_que.WorkerPool` started in the app's lifespan on
-a sync engine of the same database; its handler marks the user welcomed through
-``job.session``, in the transaction that also deletes the job.
+The job is worked by an :class:`~sqlalchemy_que.AsyncWorkerPool` started in the app's
+lifespan, on the app's own event loop and AsyncEngine; its ``async def`` handler marks the
+user welcomed through ``job.session`` (an ``AsyncSession``), in the transaction that also
+deletes the job.
 
 Run it with ``DATABASE_URL=postgresql+psycopg://... uvicorn docs.examples.fastapi_app:app``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, HTTPException
-from sqlalchemy import Engine, String, create_engine, make_url
+from sqlalchemy import String, make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from sqlalchemy_que import JobContext, JobRegistry, WorkerPool
+from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry
 
 jobs = JobRegistry()
 
@@ -39,35 +39,41 @@ class User(Base):
 
 
 @jobs.job("SendWelcome", queue="mail")
-def send_welcome(job: JobContext, user_id: int) -> None:
-    user = job.session.get(User, user_id)
+async def send_welcome(job: AsyncJobContext, user_id: int) -> None:
+    user = await job.session.get(User, user_id)
     if user is None:  # deleted meanwhile: nothing to send
         return
     user.welcomed = True  # committed with the job's completion
 
 
-def create_app(database_url: str, *, workers: int = 2) -> FastAPI:
-    """The app on ``database_url`` (a ``postgresql+psycopg://`` URL), with a worker pool of
-    ``workers`` threads in its lifespan (0: no pool)."""
+def create_app(database_url: str, *, concurrency: int = 4) -> FastAPI:
+    """The app on ``database_url`` (a ``postgresql+psycopg://`` URL), with an async worker
+    pool running up to ``concurrency`` jobs at once in its lifespan (0: no pool)."""
     url = make_url(database_url).set(drivername="postgresql+psycopg")
-    async_engine = create_async_engine(url)
+    async_engine = create_async_engine(url, pool_size=concurrency + 5)
     sessions = async_sessionmaker(async_engine, expire_on_commit=False)
-    sync_engine: Engine = create_engine(url)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        Base.metadata.create_all(sync_engine)
-        pool = None
-        if workers:
-            pool = WorkerPool(sync_engine, jobs, queue="mail", workers=workers, wake_interval=0.5)
-            await asyncio.to_thread(pool.start)  # off the loop: it connects and checks
+        async with async_engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
         try:
-            yield
+            if not concurrency:
+                yield
+                return
+            # Jobs run as tasks on this loop; leaving the block lets running jobs finish
+            # for up to 30 s, then cancels them (rolled back and released, rows intact).
+            async with AsyncWorkerPool(
+                async_engine,
+                jobs,
+                queue="mail",
+                concurrency=concurrency,
+                wake_interval=0.5,
+                shutdown_timeout=30,
+            ):
+                yield
         finally:
-            if pool is not None:
-                await asyncio.to_thread(pool.shutdown, timeout=30)  # lets running jobs end
             await async_engine.dispose()
-            sync_engine.dispose()
 
     app = FastAPI(lifespan=lifespan)
 
