@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -24,11 +25,18 @@ class AsyncJobContext(JobContext):
             user.welcomed = True  # committed with the job's completion
     """
 
-    __slots__ = ("_async_connection", "_async_session")
+    __slots__ = ("_async_connection", "_async_session", "_open_async_connection")
 
-    def __init__(self, *, connection: AsyncConnection | None = None, **fields: Any) -> None:
+    def __init__(
+        self,
+        *,
+        connection: AsyncConnection | None = None,
+        open_connection: Callable[[], AsyncConnection] | None = None,
+        **fields: Any,
+    ) -> None:
         super().__init__(**fields)
         self._async_connection = connection
+        self._open_async_connection = open_connection
         self._async_session: AsyncSession | None = None
 
     @property
@@ -36,8 +44,15 @@ class AsyncJobContext(JobContext):
         """The worker's locked ``AsyncConnection``, inside the job's transaction (which the
         server opens at the handler's first statement)."""
         if self._async_connection is None:
-            raise QueError("this AsyncJobContext was made without a connection")
+            if self._open_async_connection is None:
+                raise QueError("this AsyncJobContext was made without a connection")
+            self._async_connection = self._open_async_connection()
         return self._async_connection
+
+    @property
+    def touched_database(self) -> bool:
+        """True once the handler has asked for :attr:`connection` or :attr:`session`."""
+        return self._async_connection is not None and self._open_async_connection is not None
 
     @property
     def session(self) -> AsyncSession:  # type: ignore[override]

@@ -11,7 +11,7 @@ statements of :mod:`sqlalchemy_que._sql`, on an ``AsyncConnection`` of psycopg's
   marks in another;
 * the job's transaction opens on the handler's first statement (see :meth:`begin_job`):
   ``BEGIN`` is sent from SQLAlchemy's ``before_cursor_execute`` event, so a handler that never
-  uses the database costs no round trip;
+  uses the database costs no round trip (and no hop into SQLAlchemy's greenlet);
 * :meth:`complete`, :meth:`record_error`, :meth:`fail` end the job and unlock it in one
   round trip (libpq's pipeline mode), as the sync session does;
 * the handler's ``commit()``/``rollback()`` on ``job.connection`` are refused.
@@ -31,9 +31,9 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
-from sqlalchemy import Connection, event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
-from sqlalchemy.util import await_only
+from sqlalchemy import Connection, RootTransaction, event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from . import _sql
 from ._session import (
@@ -78,7 +78,7 @@ class AsyncLockedSession:
         self._saved: _Saved | None = None
         self._begin = _sql.BEGIN
         self._held: dict[int, LockedJob] = {}
-        self._view: AsyncTransaction | None = None  # SQLAlchemy's view of the job's transaction
+        self._view: RootTransaction | None = None  # SQLAlchemy's view of the job's transaction
         self._open = False  # the server is inside the job's transaction
         self._touched = False  # a handler's statement ran since checkout
         self._job_begin: bytes | None = None  # what opens the running job's transaction
@@ -170,9 +170,12 @@ class AsyncLockedSession:
             await raw.set_isolation_level(saved.isolation_level)
             await raw.set_read_only(saved.read_only)
             await raw.set_deferrable(saved.deferrable)
-        except BaseException:
+        except Exception:
             logger.debug("discarding a worker connection", exc_info=True)
             await self._discard(connection)
+        except BaseException:  # cancelled while checking in: its state is unknown
+            await self._discard(connection)
+            raise
         else:
             await connection.close()
         finally:
@@ -240,7 +243,8 @@ class AsyncLockedSession:
             pgconn.consume_input()  # a server waiting for us to read may not read either
 
     async def _result(self, pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
-        pgconn.consume_input()
+        """The next result: parsed from what was already read when it is there (is_busy()
+        reads no socket), else waited for."""
         while pgconn.is_busy():
             await self._wait(pgconn.socket)
             pgconn.consume_input()
@@ -411,25 +415,40 @@ class AsyncLockedSession:
     def in_transaction(self) -> bool:
         return self._open
 
-    async def begin_job(self, *, statement_timeout_ms: int | None = None) -> AsyncConnection:
-        """Make ready the job's transaction and return the ``AsyncConnection`` inside it.
-
-        SQLAlchemy is told at once (so that a Session on the connection joins the job's
-        transaction in a savepoint instead of owning one), the server only on the handler's
-        first statement: ``BEGIN`` (with the connection's isolation settings), no idle
-        timeout (an idle session ended by the server would end the job's lock with it) and,
-        for a job with a timeout, the ``statement_timeout`` of the time it has left.
-        """
-        connection = self.connection
-        if connection is None:
+    def begin_job(self, *, statement_timeout_ms: int | None = None) -> None:
+        """Make ready the job's transaction, which the server opens on the handler's first
+        statement: ``BEGIN`` (with the connection's isolation settings), no idle timeout (an
+        idle session ended by the server would end the job's lock with it) and, for a job
+        with a timeout, its ``statement_timeout``. Nothing is sent for a handler that does
+        not use the database."""
+        if self.connection is None:
             raise self._lost("opening the job's transaction")
-        await self._end_view()
         sql = self._begin + b"; " + _sql.NO_IDLE_TIMEOUT
         if statement_timeout_ms is not None:
             sql += b"; SET LOCAL statement_timeout = " + str(statement_timeout_ms).encode()
         self._job_begin = sql
-        self._view = await connection.begin()  # bookkeeping only: nothing is sent
+
+    def job_connection(self) -> AsyncConnection:
+        """The ``AsyncConnection`` inside the job's transaction, for its handler.
+
+        The first call begins SQLAlchemy's view of that transaction, so that a Session on the
+        connection joins it in a savepoint instead of owning one (SQLAlchemy sends nothing
+        for it: the server's ``BEGIN`` comes with the handler's first statement).
+        """
+        connection = self.connection
+        sync = connection.sync_connection if connection is not None else None
+        if connection is None or sync is None or self._job_begin is None:
+            raise self._lost("opening the job's transaction")
+        if self._view is None:
+            self._view = sync.begin()
         return connection
+
+    def job_sync_connection(self) -> Connection:
+        """:meth:`job_connection`'s sync ``Connection``, for a plain ``def`` handler (which
+        runs in SQLAlchemy's greenlet)."""
+        sync = self.job_connection().sync_connection
+        assert sync is not None
+        return sync
 
     def _before_statement(self, connection: Connection, *args: object) -> None:
         """Before each of the handler's statements (in SQLAlchemy's greenlet): refuse a
@@ -445,25 +464,18 @@ class AsyncLockedSession:
             self._open = True
 
     async def _end_view(self) -> None:
-        """Close SQLAlchemy's view of a transaction the server has already ended."""
-        view, self._view = self._view, None
+        """Close SQLAlchemy's view of a transaction the server has already ended: ours, and
+        one the handler's statements began after a refused rollback()."""
+        self._view = None
         self._job_begin = None
         connection = self.connection
-        stray = None
-        if connection is not None and connection.sync_connection is not None:
-            stray = connection.sync_connection.get_transaction()
+        sync = connection.sync_connection if connection is not None else None
+        if sync is None or sync.get_transaction() is None:
+            return
         self._ending = True
         try:
             with contextlib.suppress(Exception):
-                if view is not None:
-                    if view.is_active:
-                        await view.rollback()  # the driver is idle: nothing is sent
-                    else:
-                        await view.close()
-            if stray is not None and connection is not None:
-                with contextlib.suppress(Exception):
-                    sync_stray = stray
-                    await connection.run_sync(lambda _: sync_stray.rollback())
+                await greenlet_spawn(_close_transactions, sync)
         finally:
             self._ending = False
 
@@ -616,3 +628,16 @@ class AsyncLockedSession:
                 f"{psycopg.errors.error_from_result(failed, encoding='utf-8')}"
             )
         return results
+
+
+def _close_transactions(connection: Connection) -> None:
+    """Roll back (the driver is idle: nothing is sent) SQLAlchemy's transactions of
+    ``connection``, in SQLAlchemy's greenlet."""
+    for _ in range(2):
+        transaction = connection.get_transaction()
+        if transaction is None:
+            return
+        if transaction.is_active:
+            transaction.rollback()
+        else:
+            transaction.close()

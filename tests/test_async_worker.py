@@ -10,6 +10,7 @@ pool so that no connection outlives the loop it was made on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, make_url, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -170,6 +172,52 @@ def test_commit_on_the_jobs_connection_is_refused_and_fails_the_job(
     assert rows(engine, table) == []
     (row,) = job_rows(engine)
     assert row["error_count"] == 1
+
+
+def test_the_sessions_rollback_undoes_only_the_handlers_own_changes(
+    engine: Engine, async_engine: AsyncEngine, table: str
+) -> None:
+    registry = JobRegistry()
+
+    @registry.job("Partial")
+    async def partial(job: AsyncJobContext) -> None:
+        await job.session.execute(text(f"INSERT INTO {table} VALUES (1, 'undone')"))
+        await job.session.rollback()  # back to the session's savepoint
+        await job.session.execute(text(f"INSERT INTO {table} VALUES (2, 'kept')"))
+
+    add_job(engine, "Partial")
+    pool = burst(async_engine, registry)
+    assert pool.failed == 0
+    assert rows(engine, table) == [(2, "kept")]
+    assert job_rows(engine) == []
+
+
+def test_a_handler_that_swallows_a_database_error_fails_the_job_with_its_work_rolled_back(
+    engine: Engine, async_engine: AsyncEngine, table: str
+) -> None:
+    registry = JobRegistry()
+    errors: list[BaseException] = []
+
+    @registry.job("Swallow", retry_delay=60)
+    async def swallow(job: AsyncJobContext) -> None:
+        await job.connection.execute(text(f"INSERT INTO {table} VALUES (1, 'x')"))
+        with contextlib.suppress(IntegrityError):  # the job's transaction is aborted now
+            await job.connection.execute(text(f"INSERT INTO {table} VALUES (1, 'again')"))
+
+    @registry.job("RollbackRefused", retry_delay=60)
+    async def rollback_refused(job: AsyncJobContext) -> None:
+        await job.connection.execute(text(f"INSERT INTO {table} VALUES (2, 'x')"))
+        await job.connection.rollback()
+
+    add_job(engine, "Swallow")
+    add_job(engine, "RollbackRefused")
+    burst(async_engine, registry, on_error=lambda error, job: errors.append(error))
+    assert rows(engine, table) == []
+    messages = sorted(str(error) for error in errors)
+    assert "aborted by an error it caught" in messages[0], messages
+    assert "rollback() on job.connection" in messages[1], messages
+    assert [row["error_count"] for row in job_rows(engine)] == [1, 1]
+    assert held_job_locks(engine) == []
 
 
 def test_retries_until_max_attempts_then_the_job_is_failed_for_good(
