@@ -1,8 +1,9 @@
 """Handlers for the async worker's CLI and fault tests (``tests/test_async_worker.py``).
 
-``registry`` has one ``async def`` handler, ``AsyncRecord``: it inserts ``(job_id, runner)``
-into the table named by its argument through ``job.session`` (so in the job's transaction),
-``runner`` saying that it ran in a task of the event loop.
+``registry`` has two ``async def`` handlers: ``AsyncRecord`` inserts ``(job_id, runner)`` into
+the table named by its argument through ``job.session`` (so in the job's transaction),
+``runner`` saying that it ran in a task of the event loop; ``AsyncBlock`` records its start
+and waits until it is cancelled.
 
 Run as ``python -m tests.async_handlers block --url URL --app-name NAME``, it works one
 ``Block`` job in an AsyncWorkerPool: the handler inserts into ``que_fault_async_started`` on a
@@ -32,6 +33,25 @@ async def record(job: AsyncJobContext, table: str) -> None:
         text(f"INSERT INTO {table} (job_id, worker) VALUES (:job_id, :runner)"),
         {"job_id": job.job_id, "runner": runner},
     )
+
+
+@registry.job("AsyncBlock")
+async def block_forever(job: AsyncJobContext, table: str) -> None:
+    """Record the start (committed at once, on a connection of its own), write in the job's
+    transaction, then wait until cancelled."""
+    if not table.isidentifier():
+        raise ValueError(f"not a table name: {table!r}")
+    await job.session.execute(text(f"INSERT INTO {table} (job_id, worker) VALUES (0, 'x')"))
+    recorder = create_async_engine(job.connection.engine.url, isolation_level="AUTOCOMMIT")
+    try:
+        async with recorder.connect() as connection:
+            await connection.execute(
+                text(f"INSERT INTO {table} (job_id, worker) VALUES (:id, 'started')"),
+                {"id": job.job_id},
+            )
+    finally:
+        await recorder.dispose()
+    await asyncio.Event().wait()
 
 
 async def _block(url: str, app_name: str) -> None:

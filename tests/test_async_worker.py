@@ -331,6 +331,34 @@ def test_two_pools_on_one_queue_work_every_job_exactly_once(
     assert job_rows(engine) == [] and crash_marks(engine) == []
 
 
+def test_a_sync_pool_and_an_async_pool_on_one_queue_work_every_job_exactly_once(
+    engine: Engine, async_engine: AsyncEngine, table: str
+) -> None:
+    registry = JobRegistry()
+
+    @registry.job("Both")
+    def both(job: JobContext) -> None:
+        # The job_id is the table's primary key: a second run would raise and stay queued.
+        job.session.execute(
+            text(f"INSERT INTO {table} VALUES (:id, :by)"),
+            {"id": job.job_id, "by": "async" if job.connection.dialect.is_async else "sync"},
+        )
+
+    with engine.begin() as connection:
+        ids = [insert_job(connection, "Both") for _ in range(300)]
+    sync_pool = WorkerPool(engine, registry, workers=3, listen=False, batch_size=5)
+    async_pool = AsyncWorkerPool(async_engine, registry, concurrency=3, listen=False, batch_size=5)
+    sync_pool.start(burst=True)
+    try:
+        run(lambda: async_pool.run(burst=True), timeout=60)
+    finally:
+        assert sync_pool.join(60)
+    recorded = rows(engine, table)
+    assert [job_id for job_id, _ in recorded] == ids
+    assert job_rows(engine) == [] and sync_pool.failed == async_pool.failed == 0
+    assert {by for _, by in recorded} <= {"sync", "async"}
+
+
 # -- cancellation: shutdown and timeouts ---------------------------------------------------
 
 
@@ -560,6 +588,49 @@ def test_the_cli_runs_async_handlers_in_the_async_pool(
     assert rows(engine, table) == [(job_id, "task")]
     assert job_rows(engine) == []
     assert "worker tasks" in result.stderr, result.stderr
+
+
+def test_sigterm_stops_the_async_cli_and_cancels_a_job_past_the_shutdown_timeout(
+    engine: Engine, database_url: str, table: str
+) -> None:
+    job_id = add_job(engine, "AsyncBlock", table)
+    (before,) = job_rows(engine)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sqlalchemy_que",
+            "worker",
+            "tests.async_handlers:registry",
+            "--shutdown-timeout",
+            "0.2",
+            "--wake-interval",
+            "0.05",
+            "--database-url",
+            database_url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: process.poll() is None and rows(engine, table) == [(job_id, "started")],
+            timeout=60,
+            message="the job to start in the CLI's async pool",
+        )
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+    assert process.returncode == 3, output
+    assert f"stopped with 1 job(s) still running: {job_id}" in output.decode(), output
+    (after,) = job_rows(engine)
+    assert (after["error_count"], after["run_at"]) == (0, before["run_at"])
+    assert rows(engine, table) == [(job_id, "started")]  # the job's own write rolled back
+    assert held_job_locks(engine) == [] and crash_marks(engine) == []
 
 
 def test_sync_workers_refuse_async_handlers_naming_them(engine: Engine) -> None:
