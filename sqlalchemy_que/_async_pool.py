@@ -38,11 +38,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._async_listener import AsyncListener
 from ._async_worker import AsyncWorker
-from ._pool import _assignments, _pool_capacity
-from ._session import LockedJob
 from ._errors import QueError, WorkerError
 from ._jobs import check_max_attempts, check_timeout
-from .schema import check_schema as _check_schema
+from ._pool import _assignments, _pool_capacity
+from ._session import LockedJob
 from ._worker import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_ATTEMPTS,
@@ -53,6 +52,7 @@ from ._worker import (
     check_batch_size,
     registry_of,
 )
+from .schema import check_schema as _check_schema
 
 __all__ = ["AsyncWorkerPool"]
 

@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import await_only, greenlet_spawn
 
 from . import _sql
+from ._errors import LockError, LostSessionError, QueError
 from ._session import (
     _FATAL,
     _IDLE,
@@ -52,7 +53,6 @@ from ._session import (
     _Saved,
 )
 from ._sql import Statement
-from ._errors import LockError, LostSessionError, QueError
 
 __all__ = ["AsyncLockedSession"]
 

@@ -31,7 +31,6 @@ from sqlalchemy.util import greenlet_spawn
 from . import _hooks
 from ._async_context import AsyncJobContext
 from ._async_session import AsyncLockedSession
-from ._session import LockedJob, LostSessionError, StatementFailedError
 from ._errors import (
     FailJob,
     JobCancelledError,
@@ -42,6 +41,7 @@ from ._errors import (
     UnknownJobClassError,
 )
 from ._jobs import JobContext, JobDefinition, default_retry_delay, is_async_handler
+from ._session import LockedJob, LostSessionError, StatementFailedError
 from ._worker import (
     _MAX_BACKOFF,
     MAX_RETRY_DELAY,
