@@ -34,6 +34,7 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._async_listener import AsyncListener
@@ -41,6 +42,7 @@ from ._async_worker import AsyncWorker
 from ._errors import QueError, WorkerError
 from ._jobs import check_max_attempts, check_timeout
 from ._pool import _assignments, _pool_capacity
+from ._scheduler import Scheduler
 from ._session import LockedJob
 from ._worker import (
     DEFAULT_BATCH_SIZE,
@@ -96,6 +98,12 @@ class AsyncWorkerPool:
         timeout.
     :param shutdown_timeout: seconds running jobs get to finish when the ``async with``
         block ends; default None (no limit).
+    :param run_schedules: take part in enqueueing the ticks of the registry's schedules
+        (:func:`~sqlalchemy_que.cron`, :func:`~sqlalchemy_que.every`), as a
+        :class:`~sqlalchemy_que.WorkerPool` does: in a thread of its own, on one sync
+        connection to the Engine's URL (psycopg's sync driver; the AsyncEngine's
+        ``connect_args`` are not carried over). Default True; nothing for a registry without
+        schedules, or with ``burst``.
     """
 
     def __init__(
@@ -115,6 +123,7 @@ class AsyncWorkerPool:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         timeout: float | None = None,
         shutdown_timeout: float | None = None,
+        run_schedules: bool = True,
     ) -> None:
         if not isinstance(engine, AsyncEngine):
             raise WorkerError(
@@ -155,6 +164,10 @@ class AsyncWorkerPool:
         self.listener = (
             AsyncListener(engine, self.queues, self._wake_idle, self._cancel) if listen else None
         )
+        self.run_schedules = run_schedules
+        #: The thread enqueueing the registry's schedules, while the pool runs.
+        self.scheduler: Scheduler | None = None
+        self._schedule_engine: Engine | None = None
         self.stopping = False
         self._running: list[asyncio.Task[None]] = []
 
@@ -215,12 +228,12 @@ class AsyncWorkerPool:
         if self.check_schema:
             async with self.engine.connect() as connection:
                 await connection.run_sync(_check_schema)
-        if self.registry.schedules:
-            logger.warning(
-                "this registry has schedules, which an AsyncWorkerPool does not enqueue: run "
-                "a WorkerPool (or sqlalchemy-que worker with a plain def handler registry) "
-                "for them"
-            )
+        if self.run_schedules and self.registry.schedules and not burst:
+            # The scheduler is the sync pool's (a thread that sleeps until the next tick);
+            # its Engine is a sync one on the same URL, which connects only in that thread.
+            self._schedule_engine = create_engine(self.engine.url, pool_size=1, max_overflow=0)
+            self.scheduler = Scheduler(self._schedule_engine, self.registry.schedules.values())
+            self.scheduler.start()
         if self.listener is not None and not burst:
             self.listener.start()
         loop = asyncio.get_running_loop()
@@ -241,7 +254,16 @@ class AsyncWorkerPool:
                 logger.error("a worker task ended with an error", exc_info=outcome)
         if self.listener is not None:
             await self.listener.stop()
+        await self._stop_scheduler(None)
         return self.worked
+
+    async def _stop_scheduler(self, timeout: float | None) -> None:
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.stop, timeout)
+        if self._schedule_engine is not None:
+            self._schedule_engine.dispose()
+            self._schedule_engine = None
 
     async def stop(self, timeout: float | None = None) -> list[LockedJob]:
         """Stop taking jobs, let running jobs finish for up to ``timeout`` seconds (None: no
@@ -255,6 +277,7 @@ class AsyncWorkerPool:
             runner.wake()
         if self.listener is not None:
             await self.listener.stop()
+        await self._stop_scheduler(timeout)
         running = [task for task in self._running if not task.done()]
         cancelled: list[LockedJob] = []
         if running:

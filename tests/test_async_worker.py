@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,6 +40,8 @@ from sqlalchemy_que import (
     Worker,
     WorkerError,
     WorkerPool,
+    cron,
+    every,
     insert_job,
     job,
 )
@@ -711,3 +716,71 @@ def test_type_checkers_see_the_async_job_arguments(tmp_path: Path) -> None:
     errors = [line for line in lines if line.startswith("bad.py") and ": error:" in line]
     assert [line.split(":")[1] for line in errors] == ["12", "13"], result.stdout
     assert '"str"' in errors[0] and '"int"' in errors[0], errors[0]
+
+
+# -- schedules -------------------------------------------------------------------------------
+
+
+def test_two_async_pools_enqueue_each_tick_of_a_schedule_exactly_once(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    name = f"AsyncTick{uuid.uuid4().hex[:8]}"
+    worked: list[int] = []
+    registry = JobRegistry()
+
+    @registry.job(name, schedule=cron("* * * * * *"))
+    async def tick(job: AsyncJobContext) -> None:
+        worked.append(job.job_id)
+
+    def recorded() -> list[tuple[datetime.datetime, int]]:
+        with engine.connect() as connection:
+            result = connection.execute(
+                text(
+                    "SELECT tick, job_id FROM sqlalchemy_que_schedule_ticks "
+                    "WHERE schedule = :name ORDER BY tick"
+                ),
+                {"name": name},
+            )
+            return [(row.tick, row.job_id) for row in result]
+
+    async def main() -> list[AsyncWorkerPool]:
+        pools = [AsyncWorkerPool(async_engine, registry, concurrency=2) for _ in range(2)]
+        for pool in pools:
+            await pool.start()
+        try:
+            await wait_until(lambda: len(recorded()) >= 4, "4 ticks", timeout=20)
+            await wait_until(lambda: len(worked) >= len(recorded()), "the ticks worked")
+        finally:
+            for pool in pools:
+                await pool.stop(10)
+        return pools
+
+    pools = run(main, timeout=60)
+    ticks = recorded()
+    times = [when for when, _ in ticks]
+    assert all(b - a == datetime.timedelta(seconds=1) for a, b in itertools.pairwise(times))
+    ids = [job_id for _, job_id in ticks]
+    assert len(set(ids)) == len(ids)
+    assert sorted(set(worked)) == sorted(worked)  # none worked twice
+    assert set(ids) <= set(worked) | {job_id for job_id, *_ in job_rows(engine)}
+    assert all(pool.scheduler is None for pool in pools)  # stopped with the pool
+    assert not [t for t in threading.enumerate() if t.name == "que-scheduler" and t.is_alive()]
+
+
+def test_an_async_pool_with_run_schedules_false_enqueues_no_tick(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    registry = JobRegistry()
+
+    @registry.job(f"AsyncNoTick{uuid.uuid4().hex[:8]}", schedule=every(1))
+    async def never(job: AsyncJobContext) -> None:
+        raise AssertionError("no tick should be enqueued")
+
+    async def main() -> AsyncWorkerPool:
+        pool = AsyncWorkerPool(async_engine, registry, run_schedules=False)
+        async with pool:
+            assert pool.scheduler is None
+        return pool
+
+    run(main)
+    assert job_rows(engine) == []
