@@ -6,6 +6,7 @@
     sqlalchemy-que worker myapp.jobs:registry --workers 4 --queue mail
     sqlalchemy-que stats --json
     sqlalchemy-que schedules myapp.jobs:registry
+    sqlalchemy-que web --database-url postgresql://localhost/app --read-only
     sqlalchemy-que demo
 
 Settings come from options or their environment variables (``DATABASE_URL``, ``QUE_QUEUE``,
@@ -717,6 +718,49 @@ def exit_if_jobs_still_running(still_running: list[LockedJob]) -> None:
             err=True,
         )
         sys.exit(EXIT_JOBS_STILL_RUNNING)
+
+
+@main.command()
+@_database_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0: any."
+)
+@click.option("--read-only", is_flag=True, help="Hide the buttons and refuse every action.")
+def web(database_url: str | None, host: str, port: int, read_only: bool) -> None:
+    """Serve the web dashboard (no authentication of its own: keep it on 127.0.0.1, or put
+    it behind a proxy that authenticates)."""
+    with _explained():
+        from .dashboard import create_app  # only this command needs Flask
+
+        engine = _engine(database_url)
+        try:
+            serve_dashboard(create_app(engine, read_only=read_only), host, port)
+        finally:
+            engine.dispose()
+
+
+def serve_dashboard(app: Any, host: str, port: int) -> None:
+    """Serve ``app`` with werkzeug's threaded server until interrupted."""
+    from werkzeug.serving import make_server
+
+    try:
+        server = make_server(host, port, app, threaded=True)
+    except OSError as error:
+        raise QueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    click.echo(f"que dashboard on http://{server.host}:{server.port}/ (Ctrl-C to stop)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(
+            f"warning: listening on {host}, and the dashboard has no authentication of its "
+            "own: anyone who reaches the port can retry and delete jobs (see --read-only)",
+            err=True,
+        )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @main.command()

@@ -39,6 +39,8 @@ GROUP BY j.queue
 """
 )
 
+_FAILED_GAUGES = text("SELECT queue, count(*) FROM que_failed_jobs GROUP BY queue")
+
 #: Run times of jobs, in seconds: from a millisecond to ten minutes.
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
 #: Waits from run_at to start, in seconds: from a millisecond to an hour.
@@ -90,6 +92,7 @@ class QueMetrics:
         self._lock = threading.Lock()
         self._refreshed_at = -float("inf")
         self._rows: dict[str, tuple[int, int, int, float]] = {}
+        self._failed: dict[str, int] = {}
         self.queries = 0  # how many times the queue gauges were read from the database
         self._hook = _Hook(self)
         self.registry.register(_Collector(self))
@@ -132,13 +135,20 @@ class QueMetrics:
             if now - self._refreshed_at >= self.refresh_seconds:
                 with self.engine.connect() as connection:
                     rows = connection.execute(_QUEUE_GAUGES).all()
+                    failed = {str(q): int(n) for q, n in connection.execute(_FAILED_GAUGES)}
                 self.queries += 1
                 self._refreshed_at = now
                 fresh = {queue: (0, 0, 0, 0.0) for queue in self._rows}
                 for queue, ready, scheduled, working, oldest in rows:
                     fresh[queue] = (int(ready), int(scheduled), int(working), float(oldest))
                 self._rows = fresh
+                self._failed = dict.fromkeys(self._failed, 0) | failed
             return dict(self._rows)
+
+    def failed_gauges(self) -> dict[str, int]:
+        """Failed jobs (in ``que_failed_jobs``) by queue, read with :meth:`queue_gauges`."""
+        self.queue_gauges()
+        return dict(self._failed)
 
     # -- serving -------------------------------------------------------------------------
 
@@ -307,8 +317,15 @@ class _Collector:
             gauges["scheduled"].add_metric([queue], scheduled)
             gauges["working"].add_metric([queue], working)
             oldest.add_metric([queue], age)
+        # Not que_jobs_failed: that is the counter of failed runs.
+        failed_jobs = GaugeMetricFamily(
+            "que_failed_jobs", "Jobs failed for good (in que_failed_jobs).", labels=["queue"]
+        )
+        for queue, count in self.metrics.failed_gauges().items():
+            failed_jobs.add_metric([queue], count)
         yield from gauges.values()
         yield oldest
+        yield failed_jobs
         workers = GaugeMetricFamily(
             "que_workers",
             "Workers of this process, busy (running a job) or idle.",

@@ -937,6 +937,12 @@ def test_the_wheel_ships_the_migrations_and_migrates(
         archive.extractall(extracted)
     assert "sqlalchemy_que/py.typed" in names
     assert "sqlalchemy_que/_migrations/env.py" in names
+    for asset in (
+        "static/dashboard.js",
+        "static/dashboard.css",
+        "templates/que_dashboard/jobs.html",
+    ):
+        assert f"sqlalchemy_que/dashboard/{asset}" in names
     revision_files = sorted(p.name for p in (REPOSITORY / "migrations" / "versions").glob("*.py"))
     assert revision_files
     for name in revision_files:
