@@ -32,6 +32,7 @@ SECTIONS: list[tuple[str, str, list[str] | None]] = [
     ("sqlalchemy_que.testing", "Testing (sqlalchemy_que.testing)", None),
     ("sqlalchemy_que.pytest_plugin", "pytest plugin (sqlalchemy_que.pytest_plugin)", ["Drain"]),
     ("sqlalchemy_que.flask", "Flask (sqlalchemy_que.flask)", None),
+    ("sqlalchemy_que.dashboard", "Web dashboard (sqlalchemy_que.dashboard)", None),
     ("sqlalchemy_que.asyncio", "asyncio (sqlalchemy_que.asyncio)", None),
 ]
 

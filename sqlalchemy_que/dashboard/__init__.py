@@ -84,7 +84,7 @@ def dashboard_blueprint(
     refresh_seconds: float = 5.0,
     page_size: int = 50,
     window: int = 10_000,
-    count_limit: int = 100_000,
+    count_limit: int = 10_000,
     cache_seconds: float = 2.0,
     sample_seconds: float = 5.0,
     history_seconds: float = 900.0,
@@ -107,7 +107,8 @@ def dashboard_blueprint(
     :param page_size: jobs per page.
     :param window: the most rows one page of jobs reads to apply the job_class and state
         filters (past it the page says so and the next page goes on from there).
-    :param count_limit: the most jobs counted per queue; a larger queue shows ``N+``.
+    :param count_limit: the most jobs counted per queue; a larger queue shows the
+        planner's estimates (``~N``), from the statistics ANALYZE keeps.
     :param cache_seconds: how long the worker states are kept between two reads.
     :param sample_seconds: the least time between two samples of the throughput chart.
     :param history_seconds: how far back the chart goes.

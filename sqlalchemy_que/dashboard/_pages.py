@@ -70,7 +70,7 @@ def as_json(value: Any) -> Any:
 
 
 def number(value: int, *, capped: bool = False) -> str:
-    return f"{value:,}+" if capped else f"{value:,}"
+    return f"~{value:,}" if capped else f"{value:,}"
 
 
 def when(moment: datetime.datetime | None, now: datetime.datetime) -> str:

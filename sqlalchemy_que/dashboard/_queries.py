@@ -46,9 +46,8 @@ WAITING_STATES = ("ready", "scheduled", "retrying", "working")
 
 #: Each queue of que_jobs (a skip scan: one index probe per queue, at most :max_queues), with
 #: its jobs counted over at most :cap index entries (an index-only read of run_at).
-QUEUE_COUNTS = text(
-    """
-WITH RECURSIVE queues(queue, n) AS (
+_QUEUES = """
+queues(queue, n) AS (
     (SELECT j.queue, 1 FROM que_jobs AS j ORDER BY j.queue LIMIT 1)
     UNION ALL
     SELECT (SELECT j.queue FROM que_jobs AS j WHERE j.queue > q.queue ORDER BY j.queue LIMIT 1),
@@ -56,6 +55,11 @@ WITH RECURSIVE queues(queue, n) AS (
     FROM queues AS q
     WHERE q.queue IS NOT NULL AND q.n < :max_queues
 )
+"""
+
+QUEUE_COUNTS = text(
+    f"""
+WITH RECURSIVE {_QUEUES}
 SELECT q.queue, c.due, c.later, c.total
 FROM queues AS q
 CROSS JOIN LATERAL (
@@ -67,6 +71,54 @@ CROSS JOIN LATERAL (
 WHERE q.queue IS NOT NULL
 ORDER BY q.queue
 """
+)
+
+#: The jobs locked right now found among the first :probe jobs of each queue (workers lock
+#: the first ready jobs of a queue in its index order: that is where a worker's jobs are),
+#: with their sessions' activity, in the columns of sqlalchemy_que.worker_states. Each is read
+#: back by its whole key (a LATERAL probe: never a join that could scan que_jobs).
+WORKER_STATES_NEAR_THE_FRONT = text(
+    f"""
+WITH RECURSIVE {_QUEUES},
+locks AS MATERIALIZED ({_JOB_LOCKS}),
+found AS MATERIALIZED (
+    SELECT f.queue, f.priority, f.run_at, f.job_id
+    FROM queues AS q
+    CROSS JOIN LATERAL (
+        SELECT j.queue, j.priority, j.run_at, j.job_id FROM que_jobs AS j
+        WHERE j.queue = q.queue
+        ORDER BY j.priority, j.run_at, j.job_id
+        LIMIT :probe
+    ) AS f
+    WHERE q.queue IS NOT NULL AND f.job_id IN (SELECT l.job_id FROM locks AS l)
+)
+SELECT j.priority, j.run_at, j.job_id, j.job_class, j.args::text AS args, j.error_count,
+       j.last_error, j.queue,
+       a.pid AS pg_backend_pid,
+       a.state AS pg_state,
+       a.state_change AS pg_state_changed_at,
+       a.query AS pg_last_query,
+       a.query_start AS pg_last_query_started_at,
+       a.xact_start AS pg_transaction_started_at,
+       a.wait_event_type IS NOT DISTINCT FROM 'Lock' AS pg_waiting_on_lock
+FROM found AS f
+CROSS JOIN LATERAL (
+    SELECT j.* FROM que_jobs AS j
+    WHERE j.queue = f.queue AND j.priority = f.priority AND j.run_at = f.run_at
+      AND j.job_id = f.job_id
+    LIMIT 1
+) AS j
+JOIN locks AS l ON l.job_id = j.job_id
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+ORDER BY j.job_id
+"""
+)
+
+#: Plans whose row estimates are a big queue's size and its due jobs (planned, never run:
+#: PostgreSQL reads them from the statistics ANALYZE and autovacuum keep).
+ESTIMATE_QUEUE = text("EXPLAIN (FORMAT JSON) SELECT 1 FROM que_jobs WHERE queue = :queue")
+ESTIMATE_DUE = text(
+    "EXPLAIN (FORMAT JSON) SELECT 1 FROM que_jobs WHERE queue = :queue AND run_at <= now()"
 )
 
 #: Failed jobs by queue (our own table, expected to stay small: see ``purge-failed``).
@@ -227,7 +279,8 @@ _FIRST_FAILED_KEY = ("infinity", "0")
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueCounts:
     """One queue's jobs by state; ``capped`` when the queue holds more than the count limit
-    (then ``ready`` and ``scheduled`` count only the first ``count_limit`` jobs)."""
+    (then ``ready``, ``scheduled`` and ``total`` are the planner's estimates, never below
+    what was counted)."""
 
     queue: str
     ready: int
@@ -325,6 +378,11 @@ def queue_counts(
         row = counted.get(queue)
         held = working.get(queue, 0)
         due, later, total = (row.due, row.later, row.total) if row is not None else (0, 0, 0)
+        capped = int(total) >= count_limit
+        if capped:  # the planner's estimates instead, from the column statistics
+            total = max(int(total), _estimate(connection, ESTIMATE_QUEUE, queue))
+            due = max(int(due), _estimate(connection, ESTIMATE_DUE, queue))
+            later = max(0, total - due)
         result.append(
             QueueCounts(
                 queue=queue,
@@ -333,10 +391,27 @@ def queue_counts(
                 working=held,
                 failed=failed.get(queue, 0),
                 total=int(total),
-                capped=int(total) >= count_limit,
+                capped=capped,
             )
         )
     return result
+
+
+def _estimate(connection: Connection, statement: TextClause, queue: str) -> int:
+    plan = connection.execute(statement, {"queue": queue}).scalar_one()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def worker_states_near_the_front(
+    connection: Connection, *, probe: int, max_queues: int = 1000
+) -> list[Any]:
+    """The locked jobs among the first ``probe`` jobs of each queue, as worker states."""
+    from sqlalchemy_que import WorkerState
+
+    params = {"probe": probe, "max_queues": max_queues}
+    return [WorkerState(*row) for row in connection.execute(WORKER_STATES_NEAR_THE_FRONT, params)]
 
 
 def table_estimate(connection: Connection) -> int:

@@ -62,12 +62,22 @@ class Options:
     history_seconds: float
 
 
+#: How many jobs at the front of each queue are looked at for the locked ones.
+FRONT_PROBE = 1000
+
+
 class _Cached:
-    """The worker states, read at most every ``seconds`` whatever the number of viewers (a
-    read costs a pass over que_jobs when some job is locked)."""
+    """The worker states, read at most every ``seconds`` whatever the number of viewers.
+
+    The locked jobs are looked for among the first jobs of each queue, where workers take
+    them; only when some lock is not found there (a job locked far down its queue, or an
+    advisory lock that is not a job's) does :func:`sqlalchemy_que.worker_states` read them,
+    which costs a pass over que_jobs (it has no index on job_id alone).
+    """
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
+        self.full_reads = 0
         self._lock = threading.Lock()
         self._at = -float("inf")
         self._value: list[Any] = []
@@ -75,10 +85,14 @@ class _Cached:
     def get(self, connection: Connection) -> list[Any]:
         with self._lock:
             if time.monotonic() - self._at >= self.seconds:
-                if _queries.lock_count(connection) == 0:
-                    self._value = []
-                else:
-                    self._value = worker_states(connection)
+                held = _queries.lock_count(connection)
+                states = []
+                if held:
+                    states = _queries.worker_states_near_the_front(connection, probe=FRONT_PROBE)
+                    if len(states) < held:
+                        states = worker_states(connection)
+                        self.full_reads += 1
+                self._value = states
                 self._at = time.monotonic()
             return self._value
 
