@@ -81,6 +81,10 @@ def test_the_queues_page_counts_jobs_by_state(engine: Engine, client: Any) -> No
     # ready, scheduled, working, failed, waiting in all
     assert rows == {"(default)": ["1", "0", "0", "0", "1"], "mail": ["1", "1", "1", "1", "3"]}
     assert data["fields"]["ready"] == "2" and data["fields"]["failed"] == "1"
+    links = {
+        row["cells"][0]["text"]: row["cells"][0]["href"] for row in data["tables"]["queues"]["rows"]
+    }
+    assert links == {"(default)": "/jobs?default_queue=1", "mail": "/jobs?queue=mail"}
     page = client.get("/").get_data(as_text=True)
     assert "mail" in page and 'data-field="ready"' in page
 
@@ -118,7 +122,12 @@ def test_jobs_are_filtered_and_keyset_paged(engine: Engine) -> None:
 
     assert all_pages("/jobs") == [*ids[:5], later, *ids[5:]]
     assert all_pages("/jobs?queue=q2") == ids[5:]
+    default = add_job(engine, "C")  # in the default queue, ''
+    assert all_pages("/jobs?default_queue=1") == [default]
+    assert all_pages("/jobs?queue=") == [default, *ids[:5], later, *ids[5:]]
+    assert all_pages("/jobs?queue=&job_class=C") == [default]
     assert all_pages("/jobs?job_class=A&state=scheduled") == [later]
+    assert all_pages("/jobs?default_queue=1&state=ready") == [default]
     assert all_pages("/jobs?queue=q1&state=ready") == ids[:5]
     assert client.get("/jobs?state=nope").status_code == 400
     assert client.get("/jobs?after=x&after=1").status_code == 400

@@ -105,6 +105,14 @@ def first_line(error: str | None) -> str:
     return "" if not error else error.split("\n", 1)[0][:200]
 
 
+def queue_args(queue: str | None) -> dict[str, str]:
+    """The query arguments naming a queue filter: the default queue (``''``) is
+    ``default_queue=1``, since an empty ``queue`` field means every queue."""
+    if queue is None:
+        return {}
+    return {"queue": queue} if queue else {"default_queue": "1"}
+
+
 def queue_label(queue: str) -> str:
     return queue if queue else "(default)"
 
@@ -115,15 +123,17 @@ def queues_table(counts: list[QueueCounts], url: UrlFor) -> Table:
 
         def link(state: str, value: int, *, capped: bool = False, q: QueueCounts = queue) -> Cell:
             if state == "failed":
-                href = url(".failed", queue=q.queue)
+                href = url(".failed", **queue_args(q.queue))
             else:
-                href = url(".jobs", queue=q.queue, state=state)
+                href = url(".jobs", **queue_args(q.queue), state=state)
             return Cell(number(value, capped=capped), href, "num")
 
         rows.append(
             Row(
                 [
-                    Cell(queue_label(queue.queue), url(".jobs", queue=queue.queue), "queue"),
+                    Cell(
+                        queue_label(queue.queue), url(".jobs", **queue_args(queue.queue)), "queue"
+                    ),
                     link("ready", queue.ready, capped=queue.capped),
                     link("scheduled", queue.scheduled, capped=queue.capped),
                     link("working", queue.working),

@@ -112,6 +112,15 @@ def _check_csrf() -> None:
         abort(400, "the CSRF token is missing or wrong: reload the page and try again")
 
 
+def _queue(source: Any) -> str | None:
+    """The queue filter of a query or form: ``queue`` when not empty, else the default
+    queue (``''``) with ``default_queue``, else None (every queue)."""
+    queue = source.get("queue") or None
+    if queue is None and source.get("default_queue"):
+        return ""
+    return queue
+
+
 def _optional(name: str) -> str | None:
     value = request.args.get(name)
     return value if value is not None and (value or name == "queue") else None
@@ -260,7 +269,7 @@ def make_blueprint(options: Options, *, name: str, url_prefix: str | None) -> Bl
             abort(400, "failed jobs are listed on the failed page")
         if state is not None and state not in _queries.WAITING_STATES:
             abort(400, f"state must be one of {', '.join(_queries.WAITING_STATES)}, got {state!r}")
-        queue, job_class = _optional("queue"), _optional("job_class")
+        queue, job_class = _queue(request.args), _optional("job_class")
         after = _key("after", 4)
         with connect() as connection:
             try:
@@ -278,7 +287,7 @@ def make_blueprint(options: Options, *, name: str, url_prefix: str | None) -> Bl
                     raise
                 abort(400, f"bad paging key {list(after)!r}: {type(error).__name__}")
             now = now_of(connection)
-        filters = {"queue": queue, "job_class": job_class, "state": state}
+        filters = {**_pages.queue_args(queue), "job_class": job_class, "state": state}
         return _listing(
             "jobs",
             _pages.jobs_table(page, url, now, read_only=options.read_only),
@@ -287,7 +296,7 @@ def make_blueprint(options: Options, *, name: str, url_prefix: str | None) -> Bl
         )
 
     def failed_data() -> dict[str, Any]:
-        queue, job_class = _optional("queue"), _optional("job_class")
+        queue, job_class = _queue(request.args), _optional("job_class")
         before = _key("before", 2)
         with connect() as connection:
             try:
@@ -304,7 +313,7 @@ def make_blueprint(options: Options, *, name: str, url_prefix: str | None) -> Bl
                     raise
                 abort(400, f"bad paging key {list(before)!r}: {type(error).__name__}")
             now = now_of(connection)
-        filters = {"queue": queue, "job_class": job_class}
+        filters = {**_pages.queue_args(queue), "job_class": job_class}
         return _listing(
             "failed",
             _pages.failed_table(page, url, now, read_only=options.read_only),
@@ -416,7 +425,7 @@ def make_blueprint(options: Options, *, name: str, url_prefix: str | None) -> Bl
 
     @blueprint.post("/actions/retry-failed")
     def retry_failed() -> ResponseReturnValue:
-        queue, job_class = request.form.get("queue"), request.form.get("job_class") or None
+        queue, job_class = _queue(request.form), request.form.get("job_class") or None
         with options.engine().begin() as connection:
             ids = _queries.failed_ids(
                 connection, queue=queue, job_class=job_class, limit=RETRY_ALL_LIMIT
@@ -429,7 +438,7 @@ def make_blueprint(options: Options, *, name: str, url_prefix: str | None) -> Bl
 
     @blueprint.post("/actions/delete-failed")
     def delete_failed() -> ResponseReturnValue:
-        queue, job_class = request.form.get("queue"), request.form.get("job_class") or None
+        queue, job_class = _queue(request.form), request.form.get("job_class") or None
         with options.engine().begin() as connection:
             cleared = admin.clear(connection, queue=queue, job_class=job_class, failed=True)
         flash(f"Deleted {cleared.deleted:,} failed job(s).", "ok")
