@@ -34,7 +34,7 @@ from sqlalchemy import Engine, create_engine, text
 
 import sqlalchemy_que
 from sqlalchemy_que import FailJob, JobContext, Worker, WorkerPool, insert_many
-from sqlalchemy_que.cli import normalise_database_url
+from sqlalchemy_que._cli import normalise_database_url
 from sqlalchemy_que.dashboard import create_app
 from sqlalchemy_que.testing import temporary_postgres
 

@@ -95,9 +95,9 @@ def render() -> str:
         "Generated from the docstrings by `docs/api_reference.py`; do not edit by hand.",
         "",
         "The public API is the names below: the package's own, and those of the modules",
-        "`sqlalchemy_que.schema`, `.admin`, `.testing`, `.pytest_plugin`, `.flask` and",
-        "`.asyncio`. Modules whose names begin with an underscore are internal and may change",
-        "in any release; loggers keep their names (`sqlalchemy_que.worker`, ...).",
+        "`sqlalchemy_que.schema`, `.admin`, `.testing`, `.pytest_plugin`, `.flask`,",
+        "`.dashboard` and `.asyncio`. Modules whose names begin with an underscore are internal",
+        "and may change in any release; loggers keep their names (`sqlalchemy_que.worker`, ...).",
         "",
     ]
     for module_name, title, names in SECTIONS:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
-from sqlalchemy_que.errors import ConfigurationError
+from sqlalchemy_que import ConfigurationError
 
 if TYPE_CHECKING:
     from flask import Blueprint, Flask

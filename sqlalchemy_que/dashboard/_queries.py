@@ -26,7 +26,7 @@ from typing import Any
 
 from sqlalchemy import Connection, TextClause, text
 
-from sqlalchemy_que.stats import _JOB_LOCKS
+from sqlalchemy_que._stats import _JOB_LOCKS
 
 __all__ = [
     "FailedPage",

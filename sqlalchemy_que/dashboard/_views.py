@@ -29,8 +29,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from sqlalchemy_que import admin, worker_states
-from sqlalchemy_que.errors import ConfigurationError
+from sqlalchemy_que import ConfigurationError, admin, worker_states
 
 from . import _pages, _queries
 from ._sampler import Sampler
