@@ -9,8 +9,8 @@ Jobs are rows of Que's ``que_jobs`` table, written in the caller's own transacti
         session.commit()   # the job is committed with the caller's other changes
 
 The public names are re-exported here; the other public modules are ``sqlalchemy_que.admin``
-(operations), ``.schema`` (migrations and Alembic), ``.asyncio``, ``.flask``, ``.testing`` and
-``.pytest_plugin``. Modules whose names start with an underscore are internal. See ``docs/`` for
+(operations), ``.schema`` (migrations and Alembic), ``.asyncio``, ``.flask``, ``.dashboard``,
+``.testing`` and ``.pytest_plugin``. Modules whose names start with an underscore are internal. See ``docs/`` for
 the guide.
 """
 

@@ -15,6 +15,7 @@ import sqlalchemy_que
 PUBLIC_MODULES = {
     "sqlalchemy_que.admin",
     "sqlalchemy_que.asyncio",
+    "sqlalchemy_que.dashboard",
     "sqlalchemy_que.flask",
     "sqlalchemy_que.pytest_plugin",
     "sqlalchemy_que.schema",
