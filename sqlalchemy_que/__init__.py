@@ -10,8 +10,8 @@ Jobs are rows of Que's ``que_jobs`` table, written in the caller's own transacti
 
 The public names are re-exported here; the other public modules are ``sqlalchemy_que.admin``
 (operations), ``.schema`` (migrations and Alembic), ``.asyncio``, ``.flask``, ``.dashboard``,
-``.testing`` and ``.pytest_plugin``. Modules whose names start with an underscore are internal. See ``docs/`` for
-the guide.
+``.testing`` and ``.pytest_plugin``. Modules whose names start with an underscore are
+internal. See ``docs/`` for the guide.
 """
 
 from __future__ import annotations
