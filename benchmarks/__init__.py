@@ -31,7 +31,8 @@ Groups (``--only NAME[,NAME]``):
     the cost of Prometheus metrics: pairs of drains of the same jobs, one with metrics on and
     one without, back to back in alternating order (:mod:`benchmarks.monitoring`); the
     metrics-on drain's jobs/s as a percentage of the plain one's, and the client CPU per job
-    that metrics add.
+    that metrics add; and the CPU per job metrics add to the worker's code path around a job,
+    timed without a database.
 ``ceiling``
     the same per-job SQL cycle (1, 2, 4, 8 clients), a batched cycle (100 jobs locked in one
     statement, deleted in one, unlocked in one; 1 and 4 clients) and the same single-row

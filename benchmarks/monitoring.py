@@ -9,18 +9,32 @@ drain's jobs/s as a percentage of the plain drain's; the figure is the median of
 each pair taken a few seconds apart, which a machine's drift over minutes hardly touches.
 Each side's jobs/s and client CPU per job are kept in the run's detail, and a second figure
 gives the client CPU per job that metrics add, in microseconds.
+
+On a shared machine a drain's jobs/s and CPU swing by more than what metrics cost, so
+:func:`code_path_cost` also times the worker's own per-job path for hooks on no-op jobs
+without a database (its ``_run`` with a handler-and-completion step that does nothing, and
+the metrics' count of each batch of 100): the CPU microseconds per job that metrics add.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import time
 from typing import Any
 
-from .database import BenchDatabase
+from sqlalchemy import create_engine
+
+from sqlalchemy_que import install_metrics
+from sqlalchemy_que._hooks import TalliedRun, tally
+from sqlalchemy_que._session import LockedJob, LockedSession
+from sqlalchemy_que._worker import Worker
+
+from .database import JOB_CLASS, BenchDatabase
 from .drain import Drain
 from .measure import Run
 
-__all__ = ["PLAN", "Pair"]
+__all__ = ["PLAN", "Pair", "code_path_cost"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,3 +105,54 @@ PLAN: tuple[Pair, ...] = (
     Pair(Drain(workers=1, completion="batch")),
     Pair(Drain(workers=4), scale=0.2),
 )
+
+
+class _NoOpWorker(Worker):
+    """A worker whose jobs' handler and completion do nothing, to time what is around them."""
+
+    def _run_job(
+        self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]
+    ) -> tuple[Exception, float | None] | None:
+        return None
+
+
+def code_path_cost(*, batches: int = 300, repeats: int = 7) -> Run:
+    """CPU microseconds per job that metrics add to the worker's path around a job: batches
+    of 100 no-op jobs (``run_at`` in UTC) through ``Worker._run`` and the metrics' count,
+    with metrics installed and without, in turns; the fastest of ``repeats`` each."""
+    from prometheus_client import CollectorRegistry
+
+    engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/never-connected")
+    worker = _NoOpWorker(engine, {JOB_CLASS: lambda job: None}, completion="batch")
+    due = datetime.datetime.now(datetime.timezone.utc)
+    jobs = [LockedJob("", 100, due, n, JOB_CLASS, "[]", 0, None) for n in range(100)]
+    session: Any = None  # never used: the no-op _run_job does not touch it
+
+    def per_job() -> float:
+        started = time.thread_time()
+        for _ in range(batches):
+            tallied: list[TalliedRun] = []
+            for job in jobs:
+                worker._run(session, job, [], tallied)
+            if tallied:
+                tally(tallied)
+        return 1e6 * (time.thread_time() - started) / (batches * len(jobs))
+
+    timings: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for metrics in (False, True):
+            installed = install_metrics(None, registry=CollectorRegistry()) if metrics else None
+            try:
+                timings[metrics].append(per_job())
+            finally:
+                if installed is not None:
+                    installed.close()
+    engine.dispose()
+    off, on = min(timings[False]), min(timings[True])
+    return Run(
+        on - off,
+        0.0,
+        (sum(timings[False]) + sum(timings[True])) * batches * len(jobs) / 1e6,
+        None,
+        detail={"off_us_per_job": off, "on_us_per_job": on, "jobs": batches * len(jobs)},
+    )

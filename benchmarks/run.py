@@ -272,7 +272,20 @@ def _monitoring(suite: _Suite, runs: int) -> list[Figure]:
                 f"({run.detail['off']['jobs_per_s']:,.0f} off, "
                 f"{run.detail['on']['jobs_per_s']:,.0f} on), {added:+.2f} us/job of client CPU"
             )
-    return [figure for _, share, cpu in figures for figure in (share, cpu)]
+    path = Figure(
+        "monitoring",
+        "monitoring.code_path",
+        "metrics' cost on the worker's path around a job, no database",
+        "us/job",
+    )
+    for index in range(runs):
+        run = monitoring.code_path_cost()
+        path.runs.append(run)
+        _progress(
+            f"  {path.key} run {index + 1}/{runs}: +{run.value:.2f} us/job "
+            f"({run.detail['off_us_per_job']:.2f} off, {run.detail['on_us_per_job']:.2f} on)"
+        )
+    return [figure for _, share, cpu in figures for figure in (share, cpu)] + [path]
 
 
 _PLANNERS: dict[str, Callable[[_Suite], Plan]] = {

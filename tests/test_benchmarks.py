@@ -75,6 +75,14 @@ def test_a_monitoring_pair_drains_with_metrics_off_and_on_in_turns(bench: BenchD
     assert bench.count() == 0
 
 
+def test_the_code_path_cost_times_the_hook_path_with_and_without_metrics() -> None:
+    run = monitoring.code_path_cost(batches=5, repeats=2)
+    assert run.detail["jobs"] == 500
+    assert run.value == pytest.approx(run.detail["on_us_per_job"] - run.detail["off_us_per_job"])
+    assert run.detail["on_us_per_job"] > 0
+    assert _hooks.active == ()
+
+
 def test_unsupported_options_names_what_the_pool_does_not_take() -> None:
     assert drain.unsupported_options({"wake_interval": 1.0}) == []
     assert drain.unsupported_options({"wake_interval": 1.0, "no_such_option": 1}) == [
