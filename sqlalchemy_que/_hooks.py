@@ -20,7 +20,9 @@ The library's own Prometheus metrics are a :class:`Tally` instead: a hook that i
 finished runs in bulk, as plain tuples, once their outcomes are committed (with batched
 completion, once per batch), through :func:`tally`. No :class:`JobRun` or
 :class:`JobOutcome` is made for it, and no method called per run: with only metrics
-installed, a worker's cost per job is two clock readings and a tuple appended to a list.
+installed, the worker's cost per job is two clock readings and a tuple appended to a list.
+A caller of :func:`begin` and :func:`end` that knows nothing of tallies still has its runs
+counted: :func:`end` gives each to them at once, unless given a list to append it to.
 """
 
 from __future__ import annotations
@@ -223,9 +225,24 @@ def begin(
     return run
 
 
-def end(hooks: tuple[Any, ...], run: JobRun, outcome: JobOutcome) -> None:
-    """Call every hook's ``on_error`` (for a run that did not complete), then ``after``."""
+def end(
+    hooks: tuple[Any, ...],
+    run: JobRun,
+    outcome: JobOutcome,
+    *,
+    tallied: list[TalliedRun] | None = None,
+) -> None:
+    """Call every hook's ``on_error`` (for a run that did not complete), then ``after``; and
+    count the run (unless interrupted) for the tallies: appended to ``tallied``, for the
+    caller to give to :func:`tally` once committed, or else given to them at once."""
     current = plan
+    if current.tallies and outcome.outcome != "interrupted":
+        started = run.started_at - (time.time() - time.perf_counter())
+        counted = (run, outcome.outcome == "failed", started, outcome.duration)
+        if tallied is not None:
+            tallied.append(counted)
+        else:
+            tally([counted])
     if outcome.outcome != "done":
         for method in current.on_error:
             try:

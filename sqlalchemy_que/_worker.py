@@ -556,9 +556,8 @@ class Worker:
         if not _hooks.active:
             self._run_job(session, job, buffered)
             return
-        plan = _hooks.plan
-        if plan.per_run:
-            self._run_hooked(plan, session, job, buffered, tallied)
+        if _hooks.plan.per_run:
+            self._run_hooked(session, job, buffered, tallied)
             return
         # Only tallies (the metrics): a tuple per run, nothing else made for them.
         started = time.perf_counter()
@@ -567,14 +566,13 @@ class Worker:
 
     def _run_hooked(
         self,
-        plan: _hooks.Plan,
         session: LockedSession,
         job: LockedJob,
         buffered: list[LockedJob],
         tallied: list[_hooks.TalliedRun],
     ) -> None:
-        """:meth:`_run_job` with per-run hooks: a JobRun and a JobOutcome for them, and the
-        run's tuple in ``tallied`` for the tallies."""
+        """:meth:`_run_job` with per-run hooks: a JobRun and a JobOutcome for them (and the
+        run counted in ``tallied`` for the tallies, by :func:`_hooks.end`)."""
         hooks = _hooks.active
         run = _hooks.begin(
             hooks,
@@ -594,13 +592,11 @@ class Worker:
             _hooks.end(hooks, run, outcome)
             raise
         duration = time.perf_counter() - started
-        if plan.tallies:
-            tallied.append((job, failure is not None, started, duration))
         if failure is None:
             outcome = _hooks.JobOutcome("done", duration)
         else:
             outcome = _hooks.JobOutcome("failed", duration, failure[0], failure[1])
-        _hooks.end(hooks, run, outcome)
+        _hooks.end(hooks, run, outcome, tallied=tallied)
 
     def _run_job(
         self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]

@@ -370,3 +370,24 @@ def test_a_fixed_zone_gives_the_exact_epoch_seconds_and_others_ask_their_zone() 
         for moment in moments:
             local = moment.astimezone(zone)
             assert (local - epoch).total_seconds() == local.timestamp(), (zone, moment)
+
+
+def test_a_run_reported_through_begin_and_end_alone_is_counted(metrics: QueMetrics) -> None:
+    # As a worker that knows nothing of tallies reports its runs (an asynchronous one).
+    port = metrics.serve(0)
+    run = _hooks.begin(
+        _hooks.active,
+        "elsewhere",
+        job_id=1,
+        job_class="Ok",
+        queue="direct",
+        priority=100,
+        run_at=past(20),
+        error_count=1,
+    )
+    _hooks.end(_hooks.active, run, _hooks.JobOutcome("failed", 0.002, ValueError("no"), 4.0))
+    samples = scrape(port)
+    assert samples[("que_jobs_failed_total", labels("direct", "Ok"))] == 1
+    assert samples[("que_jobs_retried_total", labels("direct", "Ok"))] == 1
+    assert samples[("que_job_run_seconds_sum", labels("direct", "Ok"))] == 0.002
+    assert 20 <= samples[("que_job_wait_seconds_sum", labels("direct", "Ok"))] < 60
