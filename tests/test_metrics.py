@@ -391,3 +391,45 @@ def test_a_run_reported_through_begin_and_end_alone_is_counted(metrics: QueMetri
     assert samples[("que_jobs_retried_total", labels("direct", "Ok"))] == 1
     assert samples[("que_job_run_seconds_sum", labels("direct", "Ok"))] == 0.002
     assert 20 <= samples[("que_job_wait_seconds_sum", labels("direct", "Ok"))] < 60
+
+
+def test_the_async_pools_runs_are_counted(
+    engine: Engine, database_url: str, metrics: QueMetrics
+) -> None:
+    import asyncio
+
+    from sqlalchemy import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry
+
+    registry = JobRegistry()
+
+    @registry.job("Ok")
+    async def ok(job: AsyncJobContext, *args: Any) -> None:
+        if args == ("fail",):
+            raise ValueError("no")
+
+    port = metrics.serve(0)
+    add_job(engine, "Ok", run_at=past(20), queue="async")
+    add_job(engine, "Ok", "fail", queue="async")
+    url = make_url(database_url).set(drivername="postgresql+psycopg")
+
+    async def work() -> None:
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            pool = AsyncWorkerPool(
+                async_engine, registry, queue="async", listen=False, wake_interval=0.05
+            )
+            await asyncio.wait_for(pool.run(burst=True), 30)
+        finally:
+            await async_engine.dispose()
+
+    asyncio.run(work())
+    samples = scrape(port)
+    assert samples[("que_jobs_completed_total", labels("async", "Ok"))] == 1
+    assert samples[("que_jobs_failed_total", labels("async", "Ok"))] == 1
+    assert samples[("que_job_run_seconds_count", labels("async", "Ok"))] == 2
+    waited = (("job_class", "Ok"), ("le", "30.0"), ("queue", "async"))
+    assert samples[("que_job_wait_seconds_bucket", waited)] == 2
