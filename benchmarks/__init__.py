@@ -27,6 +27,12 @@ Groups (``--only NAME[,NAME]``):
     the same drain by pgqueuer and procrastinate, each in a schema of its own, through its own
     API (:mod:`benchmarks.peers`); skipped with a message unless installed
     (``pip install -e '.[bench-peers]'``). Runs in turns with ``drain``.
+``monitoring``
+    the cost of Prometheus metrics: pairs of drains of the same jobs, one with metrics on and
+    one without, back to back in alternating order (:mod:`benchmarks.monitoring`); the
+    metrics-on drain's jobs/s as a percentage of the plain one's, and the client CPU per job
+    that metrics add; and the CPU per job metrics add to the worker's code path around a job,
+    timed without a database.
 ``ceiling``
     the same per-job SQL cycle (1, 2, 4, 8 clients), a batched cycle (100 jobs locked in one
     statement, deleted in one, unlocked in one; 1 and 4 clients) and the same single-row

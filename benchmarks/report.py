@@ -56,7 +56,7 @@ def peer_ratios(figure: Figure, best: Mapping[str, Figure]) -> dict[str, float]:
 def _number(value: float | None, unit: str = "") -> str:
     if value is None:
         return "n/a"
-    if unit == "ms" or abs(value) < 100:
+    if unit in ("ms", "%") or abs(value) < 100:
         return f"{value:,.2f}"
     return f"{value:,.0f}"
 

@@ -19,16 +19,16 @@ from pathlib import Path
 
 from sqlalchemy_que.testing import find_postgres_bindir, temporary_postgres
 
-from . import async_drain, ceiling, drain, enqueue, latency, peers
+from . import async_drain, ceiling, drain, enqueue, latency, monitoring, peers
 from .database import BenchDatabase
 from .measure import Figure, Run
 from .report import format_machine, format_table, write_chart, write_json
 
-GROUPS = ("enqueue", "drain", "peers", "ceiling", "latency")
+GROUPS = ("enqueue", "drain", "peers", "monitoring", "ceiling", "latency")
 
 #: The stages groups run in, each stage's figures taking turns: the ceilings first, beside
 #: nothing else running; our drains and the peers' together.
-_STAGES = (("ceiling",), ("enqueue",), ("drain", "peers"), ("latency",))
+_STAGES = (("ceiling",), ("enqueue",), ("drain", "peers"), ("monitoring",), ("latency",))
 
 LATENCY_SPACING = 0.02
 
@@ -40,9 +40,13 @@ class Sizes:
     drain: int = 20_000
     insert_ceiling: int = 20_000
     latency: int = 500
+    #: Jobs per drain of a monitoring pair (batched: about 2 s each on 2 cores).
+    monitoring: int = 50_000
 
 
-QUICK = Sizes(enqueue=500, bulk=10_000, drain=2_000, insert_ceiling=2_000, latency=50)
+QUICK = Sizes(
+    enqueue=500, bulk=10_000, drain=2_000, insert_ceiling=2_000, latency=50, monitoring=2_000
+)
 
 Measure = Callable[[], Run]
 Plan = list[tuple[Figure, Measure]]
@@ -240,6 +244,50 @@ def _latency(suite: _Suite, runs: int) -> list[Figure]:
     return list(figures.values())
 
 
+def _monitoring(suite: _Suite, runs: int) -> list[Figure]:
+    """:data:`monitoring.PLAN`, the pairs taking turns: for each, the metrics-on drain's jobs/s
+    as a percentage of the plain one's, and the client CPU per job that metrics add."""
+    figures: list[tuple[monitoring.Pair, Figure, Figure]] = [
+        (
+            pair,
+            Figure("monitoring", pair.key, pair.label, "%"),
+            Figure(
+                "monitoring",
+                f"{pair.key}.cpu",
+                f"client CPU added by metrics: {pair.drain.label}",
+                "us/job",
+            ),
+        )
+        for pair in monitoring.PLAN
+    ]
+    for index in range(runs):
+        for pair, share, cpu in figures:
+            run = pair.measure(suite.database, suite.sizes.monitoring, index=index)
+            share.runs.append(run)
+            added = run.detail["added_cpu_us_per_job"]
+            cpu.runs.append(Run(added, run.wall, run.cpu_client, run.cpu_server))
+            _progress(
+                f"  {pair.key} run {index + 1}/{runs} ({run.detail['first']} first): "
+                f"{run.value:.1f}% of the plain drain's jobs/s "
+                f"({run.detail['off']['jobs_per_s']:,.0f} off, "
+                f"{run.detail['on']['jobs_per_s']:,.0f} on), {added:+.2f} us/job of client CPU"
+            )
+    path = Figure(
+        "monitoring",
+        "monitoring.code_path",
+        "metrics' cost on the worker's path around a job, no database",
+        "us/job",
+    )
+    for index in range(runs):
+        run = monitoring.code_path_cost()
+        path.runs.append(run)
+        _progress(
+            f"  {path.key} run {index + 1}/{runs}: +{run.value:.2f} us/job "
+            f"({run.detail['off_us_per_job']:.2f} off, {run.detail['on_us_per_job']:.2f} on)"
+        )
+    return [figure for _, share, cpu in figures for figure in (share, cpu)] + [path]
+
+
 _PLANNERS: dict[str, Callable[[_Suite], Plan]] = {
     "ceiling": _ceiling,
     "enqueue": _enqueue,
@@ -252,6 +300,8 @@ def _run_stage(suite: _Suite, groups: Sequence[str], runs: int) -> list[Figure]:
     """The figures of ``groups`` (those selected), taking turns."""
     if list(groups) == ["latency"]:
         return _latency(suite, runs)
+    if list(groups) == ["monitoring"]:
+        return _monitoring(suite, runs)
     plan = [step for group in groups for step in _PLANNERS[group](suite)]
     return _take_turns(plan, runs)
 

@@ -15,6 +15,14 @@ raises is logged and ignored: a hook can never fail a job or stop a worker.
 The worker calls :func:`begin` and :func:`end` around a run, which an asynchronous worker can
 call around an ``await`` just the same; with no hook added, the worker calls neither (one
 test of a module global per job).
+
+The library's own Prometheus metrics are a :class:`Tally` instead: a hook that is given
+finished runs in bulk, as plain tuples, once their outcomes are committed (with batched
+completion, once per batch), through :func:`tally`. No :class:`JobRun` or
+:class:`JobOutcome` is made for it, and no method called per run: with only metrics
+installed, the worker's cost per job is two clock readings and a tuple appended to a list.
+A caller of :func:`begin` and :func:`end` that knows nothing of tallies still has its runs
+counted: :func:`end` gives each to them at once, unless given a list to append it to.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import datetime
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Protocol
 
 __all__ = ["JobHook", "JobOutcome", "JobRun", "add_job_hook", "remove_job_hook"]
 
@@ -89,15 +98,56 @@ class JobHook:
         """Called after every run, whatever its outcome."""
 
 
+class RunFacts(Protocol):
+    """What a :class:`Tally` reads of a run's job (a locked job, or a :class:`JobRun`)."""
+
+    @property
+    def queue(self) -> str: ...
+    @property
+    def job_class(self) -> str: ...
+    @property
+    def error_count(self) -> int: ...
+    @property
+    def run_at(self) -> datetime.datetime | None: ...
+
+
+#: One finished run, as a :class:`Tally` is given it: the job, whether the run failed (else
+#: it completed; interrupted runs are not tallied), when it started (``time.perf_counter()``,
+#: read once where a wall-clock reading would be a second one) and its duration in seconds,
+#: as :attr:`JobOutcome.duration`.
+TalliedRun = tuple[RunFacts, bool, float, float]
+
+
+class Tally:
+    """A hook of the library's own that takes finished runs in bulk (see the module's
+    docstring); added and removed with :func:`add_job_hook` and :func:`remove_job_hook`."""
+
+    def tally(self, runs: list[TalliedRun]) -> None:
+        """Count ``runs`` (the list is the caller's, cleared afterwards: keep nothing of it)."""
+        raise NotImplementedError
+
+
+class Plan(NamedTuple):
+    """What the hooks added ask of a worker: the methods to call per run, hooks' no-op
+    :class:`JobHook` methods left out (``on_error`` and ``after`` in reverse order), and the
+    tallies to give finished runs to."""
+
+    before: tuple[Callable[[JobRun], object], ...]
+    on_error: tuple[Callable[[JobRun, JobOutcome], object], ...]
+    after: tuple[Callable[[JobRun, JobOutcome], object], ...]
+    tallies: tuple[Tally, ...]
+    #: True when some hook has a method to call per run (a JobRun is needed).
+    per_run: bool
+
+
 #: The hooks added, in order; a tuple replaced whole, so that workers read it without a lock.
 active: tuple[Any, ...] = ()
 _lock = threading.Lock()
-#: The methods to call, hooks' no-op JobHook methods left out: (before, on_error, after), the
-#: last two in reverse order; replaced whole with ``active``.
-_methods: tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]] = ((), (), ())
+#: What ``active`` asks of a worker; replaced whole with it.
+plan = Plan((), (), (), (), per_run=False)
 
 
-def _plan(hooks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[Any, ...]]:
+def _plan(hooks: tuple[Any, ...]) -> Plan:
     def bound(name: str, order: Any) -> tuple[Any, ...]:
         found = []
         for hook in order:
@@ -107,7 +157,13 @@ def _plan(hooks: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...], tup
             found.append(method)
         return tuple(found)
 
-    return bound("before", hooks), bound("on_error", hooks[::-1]), bound("after", hooks[::-1])
+    before, on_error, after = (
+        bound("before", hooks),
+        bound("on_error", hooks[::-1]),
+        bound("after", hooks[::-1]),
+    )
+    tallies = tuple(hook for hook in hooks if isinstance(hook, Tally))
+    return Plan(before, on_error, after, tallies, per_run=bool(before or on_error or after))
 
 
 def add_job_hook(hook: object) -> object:
@@ -116,22 +172,23 @@ def add_job_hook(hook: object) -> object:
     :param hook: an object with any of ``before(run)``, ``on_error(run, outcome)`` and
         ``after(run, outcome)`` (a :class:`JobHook` subclass, for instance).
     """
-    global active
-    if not any(callable(getattr(hook, name, None)) for name in ("before", "on_error", "after")):
+    global active, plan
+    if not isinstance(hook, Tally) and not any(
+        callable(getattr(hook, name, None)) for name in ("before", "on_error", "after")
+    ):
         raise TypeError(f"a job hook needs a before, on_error or after method, got {hook!r}")
-    global _methods
     with _lock:
         active = (*active, hook)
-        _methods = _plan(active)
+        plan = _plan(active)
     return hook
 
 
 def remove_job_hook(hook: object) -> None:
     """Remove a hook added with :func:`add_job_hook` (nothing happens if it was not added)."""
-    global active, _methods
+    global active, plan
     with _lock:
         active = tuple(h for h in active if h is not hook)
-        _methods = _plan(active)
+        plan = _plan(active)
 
 
 def _failed(method: Any) -> None:
@@ -160,7 +217,7 @@ def begin(
         worker=worker,
         started_at=time.time(),
     )
-    for method in _methods[0]:
+    for method in plan.before:
         try:
             method(run)
         except Exception:
@@ -168,17 +225,42 @@ def begin(
     return run
 
 
-def end(hooks: tuple[Any, ...], run: JobRun, outcome: JobOutcome) -> None:
-    """Call every hook's ``on_error`` (for a run that did not complete), then ``after``."""
-    _befores, errors, afters = _methods
+def end(
+    hooks: tuple[Any, ...],
+    run: JobRun,
+    outcome: JobOutcome,
+    *,
+    tallied: list[TalliedRun] | None = None,
+) -> None:
+    """Call every hook's ``on_error`` (for a run that did not complete), then ``after``; and
+    count the run (unless interrupted) for the tallies: appended to ``tallied``, for the
+    caller to give to :func:`tally` once committed, or else given to them at once."""
+    current = plan
+    if current.tallies and outcome.outcome != "interrupted":
+        started = run.started_at - (time.time() - time.perf_counter())
+        counted = (run, outcome.outcome == "failed", started, outcome.duration)
+        if tallied is not None:
+            tallied.append(counted)
+        else:
+            tally([counted])
     if outcome.outcome != "done":
-        for method in errors:
+        for method in current.on_error:
             try:
                 method(run, outcome)
             except Exception:
                 _failed(method)
-    for method in afters:
+    for method in current.after:
         try:
             method(run, outcome)
         except Exception:
             _failed(method)
+
+
+def tally(runs: list[TalliedRun]) -> None:
+    """Give finished runs to every :class:`Tally`, then clear ``runs``."""
+    for hook in plan.tallies:
+        try:
+            hook.tally(runs)
+        except Exception:
+            _failed(hook.tally)
+    runs.clear()

@@ -475,6 +475,9 @@ class Worker:
                 self._complete_buffered(session, buffered)
 
         session.before_transaction = complete_buffered
+        # Finished runs for the metrics, given to them once nothing of theirs is left to
+        # commit: after each job with per-job completion, once per batch with batched.
+        tallied: list[_hooks.TalliedRun] = []
         worked = 0
         try:
             while pending:
@@ -483,10 +486,12 @@ class Worker:
                     continue  # released under us (a handler's leftover locks were cleared)
                 self._current = job
                 try:
-                    self._run(session, job, buffered)
+                    self._run(session, job, buffered, tallied)
                 finally:
                     self._current = None
                 worked += 1
+                if tallied and not buffered:
+                    _hooks.tally(tallied)
                 if self._stopping.is_set() or time.monotonic() - locked_at > self.max_hold:
                     break
             if buffered:
@@ -505,6 +510,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 session.release([job for job in pending if session.holds(job)])
             raise
+        finally:
+            if tallied:
+                _hooks.tally(tallied)
         return worked
 
     def _complete_buffered(self, session: LockedSession, buffered: list[LockedJob]) -> None:
@@ -537,21 +545,35 @@ class Worker:
 
     # -- one job -------------------------------------------------------------------------
 
-    def _run(self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]) -> None:
-        """Run the job's handler and complete or fail the job."""
-        hooks = _hooks.active
-        if hooks:
-            self._run_hooked(hooks, session, job, buffered)
-        else:
-            self._run_job(session, job, buffered)
-
-    def _run_hooked(
+    def _run(
         self,
-        hooks: tuple[Any, ...],
         session: LockedSession,
         job: LockedJob,
         buffered: list[LockedJob],
+        tallied: list[_hooks.TalliedRun],
     ) -> None:
+        """Run the job's handler and complete or fail the job, timed for the hooks if any."""
+        if not _hooks.active:
+            self._run_job(session, job, buffered)
+            return
+        if _hooks.plan.per_run:
+            self._run_hooked(session, job, buffered, tallied)
+            return
+        # Only tallies (the metrics): a tuple per run, nothing else made for them.
+        started = time.perf_counter()
+        failure = self._run_job(session, job, buffered)
+        tallied.append((job, failure is not None, started, time.perf_counter() - started))
+
+    def _run_hooked(
+        self,
+        session: LockedSession,
+        job: LockedJob,
+        buffered: list[LockedJob],
+        tallied: list[_hooks.TalliedRun],
+    ) -> None:
+        """:meth:`_run_job` with per-run hooks: a JobRun and a JobOutcome for them (and the
+        run counted in ``tallied`` for the tallies, by :func:`_hooks.end`)."""
+        hooks = _hooks.active
         run = _hooks.begin(
             hooks,
             self.name,
@@ -569,12 +591,12 @@ class Worker:
             outcome = _hooks.JobOutcome("interrupted", time.perf_counter() - started, error)
             _hooks.end(hooks, run, outcome)
             raise
+        duration = time.perf_counter() - started
         if failure is None:
-            outcome = _hooks.JobOutcome("done", time.perf_counter() - started)
+            outcome = _hooks.JobOutcome("done", duration)
         else:
-            duration = time.perf_counter() - started
             outcome = _hooks.JobOutcome("failed", duration, failure[0], failure[1])
-        _hooks.end(hooks, run, outcome)
+        _hooks.end(hooks, run, outcome, tallied=tallied)
 
     def _run_job(
         self, session: LockedSession, job: LockedJob, buffered: list[LockedJob]

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from benchmarks import async_drain, ceiling, drain, peers
+from benchmarks import async_drain, ceiling, drain, monitoring, peers
 from benchmarks.database import BenchDatabase
 from benchmarks.measure import Figure, Run
 from benchmarks.report import best_peers, format_table, peer_ratios
+from sqlalchemy_que import _hooks
 from sqlalchemy_que.testing import find_postgres_bindir
 
 
@@ -53,6 +54,33 @@ def test_drain_plan_keeps_todays_keys_and_compares_with_measured_ceilings() -> N
     assert drain.Drain(workers=4, completion="batch", batch_size=50).key == (
         "drain.batch.k50.threads.4"
     )
+
+
+def test_a_monitoring_pair_drains_with_metrics_off_and_on_in_turns(bench: BenchDatabase) -> None:
+    keys = [pair.key for pair in monitoring.PLAN]
+    assert len(keys) == len(set(keys))
+    assert "monitoring.batch.threads.4" in keys
+    with pytest.raises(ValueError, match="metrics off"):
+        monitoring.Pair(drain.Drain(workers=1, metrics=True))
+    pair = monitoring.Pair(drain.Drain(workers=2, completion="batch"), scale=0.5)
+    first, second = (pair.measure(bench, 600, index=index) for index in (0, 1))
+    assert (first.detail["first"], second.detail["first"]) == ("off", "on")
+    for run in (first, second):
+        off, on = run.detail["off"], run.detail["on"]
+        assert run.detail["jobs"] == 300
+        assert off["left_behind"] == on["left_behind"] == 0
+        assert run.value == pytest.approx(100 * on["jobs_per_s"] / off["jobs_per_s"])
+        assert off["client_cpu_us_per_job"] > 0 and on["client_cpu_us_per_job"] > 0
+    assert _hooks.active == ()  # the metrics were removed after their drain
+    assert bench.count() == 0
+
+
+def test_the_code_path_cost_times_the_hook_path_with_and_without_metrics() -> None:
+    run = monitoring.code_path_cost(batches=5, repeats=2)
+    assert run.detail["jobs"] == 500
+    assert run.value == pytest.approx(run.detail["on_us_per_job"] - run.detail["off_us_per_job"])
+    assert run.detail["on_us_per_job"] > 0
+    assert _hooks.active == ()
 
 
 def test_unsupported_options_names_what_the_pool_does_not_take() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from sqlalchemy_que import (
     ConfigurationError,
@@ -22,6 +22,8 @@ from sqlalchemy_que import (
     Worker,
     WorkerPool,
     _hooks,
+    enqueue,
+    insert_jobs,
     install_metrics,
     locked_job,
 )
@@ -236,3 +238,198 @@ def test_the_flask_extension_serves_metrics_on_a_route(
         for sample in family.samples
     }
     assert samples[("que_jobs_completed_total", labels("flask", "Ok"))] == 1
+
+
+def test_batched_completion_counts_every_run_beside_a_per_run_hook(
+    engine: Engine, metrics: QueMetrics
+) -> None:
+    from sqlalchemy_que import JobHook, JobOutcome, JobRun, add_job_hook, remove_job_hook
+
+    class Outcomes(JobHook):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def after(self, run: JobRun, outcome: JobOutcome) -> None:
+            self.seen.append(outcome.outcome)
+
+    port = metrics.serve(0)
+    with engine.begin() as connection:
+        insert_jobs(connection, [enqueue("Ok", n, queue="b") for n in range(40)])
+        insert_jobs(connection, [enqueue("Bad", "fail", queue="b") for _ in range(3)])
+    retry = add_job(engine, "Ok", run_at=past(20), queue="b")
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE que_jobs SET error_count = 1 WHERE job_id = :id"), {"id": retry}
+        )
+    outcomes = Outcomes()
+    add_job_hook(outcomes)
+    try:
+        worker = Worker(engine, {"Ok": handler, "Bad": handler}, queue="b", completion="batch")
+        assert worker.run(burst=True) == 44
+    finally:
+        remove_job_hook(outcomes)
+    assert sorted(outcomes.seen) == ["done"] * 41 + ["failed"] * 3
+    samples = scrape(port)
+    assert samples[("que_jobs_completed_total", labels("b", "Ok"))] == 41
+    assert samples[("que_jobs_failed_total", labels("b", "Bad"))] == 3
+    assert samples[("que_jobs_retried_total", labels("b", "Ok"))] == 1
+    assert samples[("que_job_run_seconds_count", labels("b", "Ok"))] == 41
+    assert samples[("que_job_wait_seconds_count", labels("b", "Bad"))] == 3
+    waited = samples[("que_job_wait_seconds_sum", labels("b", "Ok"))]
+    assert 20 <= waited < 20 + 41 * 60  # the retry's 20 s, and each other job's own wait
+
+
+@pytest.mark.parametrize(("completion", "counted"), [("job", 2), ("batch", 1)])
+def test_a_run_is_counted_once_its_outcome_is_committed(
+    engine: Engine, metrics: QueMetrics, completion: str, counted: int
+) -> None:
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(job: JobContext) -> None:
+        started.set()
+        release.wait(10)
+
+    port = metrics.serve(0)
+    for job_class in ("Ok", "Ok", "Slow"):  # locked in batches of 1, then 2
+        add_job(engine, job_class, queue="c")
+    worker = Worker(
+        engine,
+        {"Ok": handler, "Slow": slow},
+        queue="c",
+        batch_size=2,
+        completion="batch" if completion == "batch" else "job",
+    )
+    thread = threading.Thread(target=worker.run, kwargs={"burst": True})
+    thread.start()
+    try:
+        assert started.wait(10)
+        # The second Ok job ran in the Slow job's batch: committed on its own with per-job
+        # completion, and counted at once; with batched completion, not yet committed.
+        assert samples_of(port, "que_jobs_completed_total", "c", "Ok") == counted
+    finally:
+        release.set()
+        thread.join(10)
+    assert samples_of(port, "que_jobs_completed_total", "c", "Ok") == 2
+    assert samples_of(port, "que_jobs_completed_total", "c", "Slow") == 1
+
+
+def samples_of(port: int, name: str, queue: str, job_class: str) -> float:
+    return scrape(port).get((name, labels(queue, job_class)), 0.0)
+
+
+# Lisbon was on UTC+1 in 1970 and is on UTC+0 in winter: a naive difference from the epoch
+# would be an hour off.
+@pytest.mark.parametrize("zone", ["UTC", "Etc/GMT-3", "Europe/Paris", "Europe/Lisbon"])
+def test_the_wait_is_measured_whatever_the_connection_time_zone(
+    database_url: str, engine: Engine, metrics: QueMetrics, zone: str
+) -> None:
+    port = metrics.serve(0)
+    add_job(engine, "Ok", run_at=past(20), queue=f"tz-{zone}")
+    zoned = create_engine(database_url, connect_args={"options": f"-c TimeZone={zone}"})
+    try:
+        assert Worker(zoned, {"Ok": handler}, queue=f"tz-{zone}").work_one()
+    finally:
+        zoned.dispose()
+    samples = scrape(port)
+    key = labels(f"tz-{zone}", "Ok")
+    assert 20 <= samples[("que_job_wait_seconds_sum", key)] < 60
+    bucket = {
+        dict(name_labels).get("le"): value
+        for (name, name_labels), value in samples.items()
+        if name == "que_job_wait_seconds_bucket" and dict(name_labels)["queue"] == f"tz-{zone}"
+    }
+    assert (bucket["10.0"], bucket["30.0"]) == (0, 1)
+
+
+def test_a_fixed_zone_gives_the_exact_epoch_seconds_and_others_ask_their_zone() -> None:
+    import datetime
+    import zoneinfo
+
+    from sqlalchemy_que._metrics import _epoch_in
+
+    try:
+        paris = zoneinfo.ZoneInfo("Europe/Paris")
+        fixed: list[datetime.tzinfo] = [
+            zoneinfo.ZoneInfo(key) for key in ("UTC", "Etc/UTC", "Etc/GMT+5", "Zulu")
+        ]
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip("no IANA time zone database on this machine")
+    fixed += [datetime.timezone.utc, datetime.timezone(datetime.timedelta(hours=5, minutes=30))]
+    assert _epoch_in(paris) is None
+    assert _epoch_in(None) is None
+    moments = [
+        datetime.datetime(year, month, 15, 12, 30, 0, 123456, tzinfo=datetime.timezone.utc)
+        for year in (1969, 2026, 2038)
+        for month in (1, 7)
+    ]
+    for zone in fixed:
+        epoch = _epoch_in(zone)
+        assert epoch is not None, zone
+        for moment in moments:
+            local = moment.astimezone(zone)
+            assert (local - epoch).total_seconds() == local.timestamp(), (zone, moment)
+
+
+def test_a_run_reported_through_begin_and_end_alone_is_counted(metrics: QueMetrics) -> None:
+    # As a worker that knows nothing of tallies reports its runs (an asynchronous one).
+    port = metrics.serve(0)
+    run = _hooks.begin(
+        _hooks.active,
+        "elsewhere",
+        job_id=1,
+        job_class="Ok",
+        queue="direct",
+        priority=100,
+        run_at=past(20),
+        error_count=1,
+    )
+    _hooks.end(_hooks.active, run, _hooks.JobOutcome("failed", 0.002, ValueError("no"), 4.0))
+    samples = scrape(port)
+    assert samples[("que_jobs_failed_total", labels("direct", "Ok"))] == 1
+    assert samples[("que_jobs_retried_total", labels("direct", "Ok"))] == 1
+    assert samples[("que_job_run_seconds_sum", labels("direct", "Ok"))] == 0.002
+    assert 20 <= samples[("que_job_wait_seconds_sum", labels("direct", "Ok"))] < 60
+
+
+def test_the_async_pools_runs_are_counted(
+    engine: Engine, database_url: str, metrics: QueMetrics
+) -> None:
+    import asyncio
+
+    from sqlalchemy import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry
+
+    registry = JobRegistry()
+
+    @registry.job("Ok")
+    async def ok(job: AsyncJobContext, *args: Any) -> None:
+        if args == ("fail",):
+            raise ValueError("no")
+
+    port = metrics.serve(0)
+    add_job(engine, "Ok", run_at=past(20), queue="async")
+    add_job(engine, "Ok", "fail", queue="async")
+    url = make_url(database_url).set(drivername="postgresql+psycopg")
+
+    async def work() -> None:
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            pool = AsyncWorkerPool(
+                async_engine, registry, queue="async", listen=False, wake_interval=0.05
+            )
+            await asyncio.wait_for(pool.run(burst=True), 30)
+        finally:
+            await async_engine.dispose()
+
+    asyncio.run(work())
+    samples = scrape(port)
+    assert samples[("que_jobs_completed_total", labels("async", "Ok"))] == 1
+    assert samples[("que_jobs_failed_total", labels("async", "Ok"))] == 1
+    assert samples[("que_job_run_seconds_count", labels("async", "Ok"))] == 2
+    waited = (("job_class", "Ok"), ("le", "30.0"), ("queue", "async"))
+    assert samples[("que_job_wait_seconds_bucket", waited)] == 2
