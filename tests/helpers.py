@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 import uuid
 from typing import Any
 
@@ -65,10 +66,24 @@ def notifications(
     earlier one has arrived by the time the marker does (``timeout`` only bounds a hang).
     """
     marker = f"end of notifications {uuid.uuid4().hex}"
-    listener.execute("SELECT pg_notify(%s, %s)", (channel, marker))
-    payloads: list[str] = []
-    for notification in listener.notifies(timeout=timeout):
-        if notification.payload == marker:
-            return payloads
-        payloads.append(notification.payload)
+    # Collected by a handler: psycopg before 3.3 hands notifications that arrive while a
+    # statement runs (the marker's own, say) to handlers only, never to notifies().
+    received: list[str] = []
+
+    def collect(notification: psycopg.Notify) -> None:
+        if notification.channel == channel:
+            received.append(notification.payload)
+
+    listener.add_notify_handler(collect)
+    try:
+        listener.execute("SELECT pg_notify(%s, %s)", (channel, marker))
+        deadline = time.monotonic() + timeout
+        while marker not in received and (left := deadline - time.monotonic()) > 0:
+            for _ in listener.notifies(timeout=min(left, 1.0)):  # reads; collect() keeps
+                if marker in received:
+                    break
+    finally:
+        listener.remove_notify_handler(collect)
+    if marker in received:
+        return received[: received.index(marker)]
     pytest.fail(f"the marker notified on {channel!r} did not arrive in {timeout}s")
