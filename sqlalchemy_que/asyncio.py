@@ -2,8 +2,10 @@
 
 The ORM form needs nothing new: :func:`~sqlalchemy_que.enqueue` builds a job that an
 ``AsyncSession`` inserts at its next flush, with its wake-up ``NOTIFY``, in the session's
-transaction. The Core, bulk and admin functions have awaitable twins here, with the names,
-parameters, checks and errors of the sync ones::
+transaction. The Core, bulk and admin functions (those of the package and of
+:mod:`sqlalchemy_que.admin`) have awaitable twins here, with the names, parameters, checks and
+errors of the sync ones (``sqlalchemy_que.admin.clear``'s twin is :func:`clear_jobs`, since
+:func:`clear` is the package's)::
 
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy_que import enqueue
@@ -33,11 +35,12 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import _stats as _stats
+from . import admin as _admin
 from ._async_context import AsyncJobContext
 from ._async_pool import AsyncWorkerPool
 from ._enqueue import insert_job as _insert_job
@@ -46,6 +49,7 @@ from ._enqueue import insert_many as _insert_many
 from ._errors import InvalidJobError
 from ._model import QueJob
 from ._stats import JobStats, WorkerState
+from .admin import Cleared, Counts, JobInfo, Outcome
 
 if TYPE_CHECKING:
     from ._jobs import JobDefinition
@@ -54,11 +58,19 @@ __all__ = [
     "AsyncBind",
     "AsyncJobContext",
     "AsyncWorkerPool",
+    "cancel",
     "clear",
+    "clear_jobs",
+    "counts",
+    "delete",
+    "get_job",
     "insert_job",
     "insert_jobs",
     "insert_many",
     "job_stats",
+    "list_jobs",
+    "purge_failed",
+    "retry",
     "worker_states",
 ]
 
@@ -172,8 +184,114 @@ async def clear(bind: AsyncEngine | AsyncConnection) -> int:
     Given an AsyncEngine it commits; given an AsyncConnection it runs in the caller's
     transaction.
     """
+    result: int = await _operate(bind, _stats.clear)
+    return result
+
+
+# -- sqlalchemy_que.admin, awaited ---------------------------------------------------------
+
+
+async def _operate(
+    bind: AsyncEngine | AsyncConnection, function: Any, *args: Any, **kw: Any
+) -> Any:
+    """Run an admin function: given an AsyncEngine, in a transaction of its own that commits;
+    given an AsyncConnection, in the caller's transaction."""
     if isinstance(bind, AsyncEngine):
         async with bind.begin() as connection:
-            return await clear(connection)
-    result: int = await _read(bind, _stats.clear)
+            return await _operate(connection, function, *args, **kw)
+    if not isinstance(bind, AsyncConnection):
+        sync_module = (
+            "sqlalchemy_que.admin" if function.__module__ == _admin.__name__ else "sqlalchemy_que"
+        )
+        raise TypeError(
+            f"this awaitable form of {sync_module}.{function.__name__}() takes an AsyncEngine "
+            f"or AsyncConnection, got {bind!r} of type {type(bind).__name__}; with a sync "
+            f"Engine or Connection use {sync_module}.{function.__name__}()"
+        )
+    return await bind.run_sync(function, *args, **kw)
+
+
+async def list_jobs(
+    bind: AsyncEngine | AsyncConnection,
+    *,
+    queue: str | None = None,
+    job_class: str | None = None,
+    errored: bool = False,
+    scheduled: bool = False,
+    failed: bool = False,
+    limit: int = 100,
+) -> list[JobInfo]:
+    """Jobs in the order workers take them (or the failed ones); :func:`sqlalchemy_que.admin.
+    list_jobs`, awaited."""
+    result: list[JobInfo] = await _operate(
+        bind,
+        _admin.list_jobs,
+        queue=queue,
+        job_class=job_class,
+        errored=errored,
+        scheduled=scheduled,
+        failed=failed,
+        limit=limit,
+    )
+    return result
+
+
+async def get_job(bind: AsyncEngine | AsyncConnection, job_id: int) -> JobInfo | None:
+    """One job in full, waiting or failed; :func:`sqlalchemy_que.admin.get_job`, awaited."""
+    result: JobInfo | None = await _operate(bind, _admin.get_job, job_id)
+    return result
+
+
+async def counts(bind: AsyncEngine | AsyncConnection) -> Counts:
+    """Jobs by state; :func:`sqlalchemy_que.admin.counts`, awaited."""
+    result: Counts = await _operate(bind, _admin.counts)
+    return result
+
+
+async def retry(bind: AsyncEngine | AsyncConnection, job_ids: Iterable[int]) -> Outcome:
+    """Make jobs ready now (failed ones back into ``que_jobs``); never a locked one:
+    :func:`sqlalchemy_que.admin.retry`, awaited."""
+    result: Outcome = await _operate(bind, _admin.retry, list(job_ids))
+    return result
+
+
+async def delete(bind: AsyncEngine | AsyncConnection, job_ids: Iterable[int]) -> Outcome:
+    """Delete waiting or failed jobs; never a locked one: :func:`sqlalchemy_que.admin.delete`,
+    awaited."""
+    result: Outcome = await _operate(bind, _admin.delete, list(job_ids))
+    return result
+
+
+async def clear_jobs(
+    bind: AsyncEngine | AsyncConnection,
+    *,
+    queue: str | None = None,
+    job_class: str | None = None,
+    failed: bool = False,
+) -> Cleared:
+    """Delete the waiting (or failed) jobs matching the filters, leaving locked ones:
+    :func:`sqlalchemy_que.admin.clear`, awaited."""
+    result: Cleared = await _operate(
+        bind, _admin.clear, queue=queue, job_class=job_class, failed=failed
+    )
+    return result
+
+
+async def cancel(
+    bind: AsyncEngine | AsyncConnection, job_id: int
+) -> Literal["cancelled", "requested", "missing"]:
+    """Cancel a job (``"cancelled"``, ``"requested"`` or ``"missing"``):
+    :func:`sqlalchemy_que.admin.cancel`, awaited."""
+    result: Literal["cancelled", "requested", "missing"] = await _operate(
+        bind, _admin.cancel, job_id
+    )
+    return result
+
+
+async def purge_failed(
+    bind: AsyncEngine | AsyncConnection, *, older_than: datetime.timedelta | float
+) -> int:
+    """Delete failed jobs older than ``older_than``: :func:`sqlalchemy_que.admin.purge_failed`,
+    awaited."""
+    result: int = await _operate(bind, _admin.purge_failed, older_than=older_than)
     return result

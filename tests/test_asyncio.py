@@ -24,7 +24,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que.asyncio as que_async
-from sqlalchemy_que import InvalidJobError, JobContext, enqueue, job
+from sqlalchemy_que import (
+    FailJob,
+    InvalidJobError,
+    JobContext,
+    JobRegistry,
+    Worker,
+    enqueue,
+    insert_job,
+    job,
+)
 from sqlalchemy_que._notify import channel_for
 
 from .helpers import job_rows as _job_rows
@@ -330,3 +339,51 @@ def test_a_rolled_back_savepoint_of_an_async_session_does_not_silence_later_wake
     run(main)
     assert [row.job_class for row in job_rows(engine)] == ["Kept"]
     assert len(received()) == 1
+
+
+def test_failed_job_operations_are_awaitable(engine: Engine, async_engine: AsyncEngine) -> None:
+    registry = JobRegistry()
+
+    @registry.job("Doomed")
+    def doomed(job: JobContext) -> None:
+        raise FailJob("no such card")
+
+    with engine.begin() as connection:
+        failing = insert_job(connection, "Doomed")
+        waiting = insert_job(connection, "Waiting", queue="later", run_in=3600)
+        held = insert_job(connection, "Held")
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:id)"), {"id": held})
+        assert Worker(engine, registry).work_one()  # Held is skipped: Doomed is failed
+        with pytest.raises(TypeError, match=r"sqlalchemy_que\.admin\.retry\(\)"):
+            run(lambda: que_async.retry(engine, [failing]))  # type: ignore[arg-type]
+
+        async def main() -> dict[str, Any]:
+            seen: dict[str, Any] = {}
+            seen["failed"] = await que_async.list_jobs(async_engine, failed=True)
+            seen["job"] = await que_async.get_job(async_engine, failing)
+            seen["counts"] = await que_async.counts(async_engine)
+            seen["delete_held"] = await que_async.delete(async_engine, [held])
+            async with async_engine.connect() as connection:  # rolled back: nothing cleared
+                seen["cleared_then_rolled_back"] = await que_async.clear_jobs(
+                    connection, queue="later"
+                )
+                await connection.rollback()
+            seen["retry"] = await que_async.retry(async_engine, [failing])
+            seen["cancel"] = await que_async.cancel(async_engine, waiting)
+            seen["purged"] = await que_async.purge_failed(async_engine, older_than=0)
+            return seen
+
+        seen = run(main)
+        holder.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": held})
+        holder.commit()
+
+    assert [(info.job_id, info.reason) for info in seen["failed"]] == [(failing, "failed")]
+    assert seen["job"].state == "failed" and "no such card" in seen["job"].last_error
+    assert (seen["counts"].failed, seen["counts"].working) == (1, 1)
+    assert seen["delete_held"].done == [] and list(seen["delete_held"].locked) == [held]
+    assert seen["cleared_then_rolled_back"].deleted == 1
+    assert seen["retry"].done == [failing]
+    assert seen["cancel"] == "cancelled"
+    assert seen["purged"] == 1  # the cancelled job, moved to que_failed_jobs
+    assert sorted(row.job_id for row in job_rows(engine)) == sorted([failing, held])
