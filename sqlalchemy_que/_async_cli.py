@@ -10,12 +10,15 @@ import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL
 
 from ._jobs import JobRegistry, is_async_handler
 from ._locking import LockedJob
+
+if TYPE_CHECKING:
+    from ._metrics import QueMetrics
 
 __all__ = ["has_async_handlers", "run_async_pool"]
 
@@ -40,6 +43,7 @@ def run_async_pool(
     listen: bool,
     burst: bool,
     shutdown_timeout: float | None,
+    metrics: QueMetrics | None = None,
 ) -> tuple[list[LockedJob], int]:
     """Run the pool until it ends (burst) or a signal stops it; return the jobs cancelled
     at the shutdown timeout and the number of failed runs."""
@@ -58,6 +62,8 @@ def run_async_pool(
             wake_interval=wake_interval,
             listen=listen,
         )
+        if metrics is not None:
+            metrics.track([pool])  # the busy/idle gauge
         loop = asyncio.get_running_loop()
         received: list[int] = []
         stopping: list[asyncio.Task[list[LockedJob]]] = []

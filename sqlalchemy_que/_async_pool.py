@@ -176,6 +176,12 @@ class AsyncWorkerPool:
         return len(self.tasks)
 
     @property
+    def workers(self) -> list[AsyncWorker]:
+        """The worker tasks' state, as :attr:`WorkerPool.workers` (what
+        :meth:`QueMetrics.track` reads for the busy/idle gauge)."""
+        return self.tasks
+
+    @property
     def failed(self) -> int:
         """How many job runs failed (retried or failed for good) in this pool."""
         return sum(task.failed for task in self.tasks)

@@ -87,6 +87,11 @@ class AsyncWorker:
         self._cancels = 0
         self._cancelling: set[asyncio.Future[None]] = set()
 
+    @property
+    def current_job(self) -> LockedJob | None:
+        """The job this task is running (the metrics' busy/idle gauge reads it)."""
+        return self.current
+
     def wake(self) -> None:
         self.wake_event.set()
 

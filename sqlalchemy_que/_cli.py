@@ -635,10 +635,12 @@ def _run_async_worker(
     settings = _async_worker_options(options)
     gauges = _engine(database_url, pool_size=1, max_overflow=0)  # checks the URL too
     url = normalise_database_url(str(database_url))
+    installed = None
     if metrics is not None:
         from ._metrics import install_metrics
 
-        install_metrics(gauges).serve(*metrics)  # run counts come from the job hooks
+        installed = install_metrics(gauges)  # run counts come from the job hooks
+        installed.serve(*metrics)
     queues = settings["queues"]
     size = settings["concurrency"] or sum(queues.values())
     engine_options = with_connect_timeout(
@@ -656,6 +658,7 @@ def _run_async_worker(
             listen=settings["listen"],
             burst=burst,
             shutdown_timeout=shutdown_timeout,
+            metrics=installed,
         )
     finally:
         gauges.dispose()

@@ -433,3 +433,44 @@ def test_the_async_pools_runs_are_counted(
     assert samples[("que_job_run_seconds_count", labels("async", "Ok"))] == 2
     waited = (("job_class", "Ok"), ("le", "30.0"), ("queue", "async"))
     assert samples[("que_job_wait_seconds_bucket", waited)] == 2
+
+
+def test_the_async_pools_tasks_show_busy_and_idle(
+    engine: Engine, database_url: str, metrics: QueMetrics
+) -> None:
+    import asyncio
+
+    from sqlalchemy import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry
+
+    registry = JobRegistry()
+    port = metrics.serve(0)
+    url = make_url(database_url).set(drivername="postgresql+psycopg")
+    add_job(engine, "Slow", queue="async-busy")
+
+    async def work() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        @registry.job("Slow")
+        async def slow(job: AsyncJobContext) -> None:
+            started.set()
+            await release.wait()
+
+        async_engine = create_async_engine(url, poolclass=NullPool)
+        pool = AsyncWorkerPool(async_engine, registry, queue="async-busy", concurrency=3)
+        metrics.track([pool])
+        try:
+            async with pool:
+                await asyncio.wait_for(started.wait(), 20)
+                samples = await asyncio.to_thread(scrape, port)  # the loop keeps running
+                release.set()
+        finally:
+            await async_engine.dispose()
+        return samples
+
+    samples = asyncio.run(work())
+    assert samples[("que_workers", (("state", "busy"),))] == 1
+    assert samples[("que_workers", (("state", "idle"),))] == 2
