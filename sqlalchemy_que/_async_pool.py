@@ -249,12 +249,15 @@ class AsyncWorkerPool:
         or with ``burst``, once no job is ready. Returns the jobs worked."""
         if not self._running:
             await self.start(burst=burst)
-        for outcome in await asyncio.gather(*self._running, return_exceptions=True):
-            if isinstance(outcome, Exception):  # a bug: a task ends only when told to
-                logger.error("a worker task ended with an error", exc_info=outcome)
-        if self.listener is not None:
-            await self.listener.stop()
-        await self._stop_scheduler(None)
+        try:
+            for outcome in await asyncio.gather(*self._running, return_exceptions=True):
+                if isinstance(outcome, Exception):  # a bug: a task ends only when told to
+                    logger.error("a worker task ended with an error", exc_info=outcome)
+        finally:
+            # Also when this call is cancelled (which cancels the tasks): nothing outlives it.
+            if self.listener is not None:
+                await self.listener.stop()
+            await self._stop_scheduler(None)
         return self.worked
 
     async def _stop_scheduler(self, timeout: float | None) -> None:
