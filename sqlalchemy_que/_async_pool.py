@@ -228,6 +228,10 @@ class AsyncWorkerPool:
         if self.check_schema:
             async with self.engine.connect() as connection:
                 await connection.run_sync(_check_schema)
+        if self.stopping:
+            # stop() ran while the schema was checked: what started now would outlive it.
+            logger.info("stopped while starting: no worker task started")
+            return
         if self.run_schedules and self.registry.schedules and not burst:
             # The scheduler is the sync pool's (a thread that sleeps until the next tick);
             # its Engine is a sync one on the same URL, which connects only in that thread.
