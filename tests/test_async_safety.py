@@ -8,19 +8,22 @@ connection given back with a lock or a transaction would be seen by the next che
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, make_url, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
+import sqlalchemy_que
 from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry, QueError, every
 
 from .helpers import add_job, held_job_locks, job_rows
-from .test_async_worker import crash_marks, rows, run, table, wait_until
+from .test_async_worker import async_engine, crash_marks, rows, run, table, wait_until
 
-__all__ = ["table"]  # a fixture of test_async_worker, used here too
+__all__ = ["async_engine", "table"]  # fixtures of test_async_worker, used here too
 
 
 def pooled_engine(database_url: str, size: int, **options: Any) -> AsyncEngine:
@@ -159,3 +162,149 @@ def test_a_task_left_by_a_handler_cannot_write_on_the_next_jobs_transaction(
     assert rows(engine, table) == ([(next_id, "next")] if uses_database else [])
     assert job_rows(engine) == []
     assert held_job_locks(engine) == []
+
+
+# -- prepared statements ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prepare_threshold", [0, None])
+def test_the_workers_statements_survive_psycopg_deallocating_them(
+    engine: Engine, database_url: str, table: str, prepare_threshold: int | None, caplog: Any
+) -> None:
+    """With ``prepare_threshold=0`` psycopg prepares the statements it runs before the worker
+    takes the connection, and answers a handler's ``ROLLBACK TO SAVEPOINT`` by deallocating
+    every prepared statement, the worker's too; ``None`` (as behind PgBouncer) prepares none.
+    Either way the worker keeps its one connection, with no database error."""
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_que.worker")
+    registry = JobRegistry()
+    pids: list[int] = []
+
+    @registry.job("Partial")
+    async def partial(job: AsyncJobContext) -> None:
+        await job.session.execute(
+            text(f"INSERT INTO {table} VALUES (:id, 'undone')"), {"id": job.job_id}
+        )
+        await job.session.rollback()
+        pid = (await job.session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        pids.append(pid)
+
+    ids = [add_job(engine, "Partial") for _ in range(3)]
+
+    async def main() -> None:
+        connect_args = {"prepare_threshold": prepare_threshold}
+        worker_engine = pooled_engine(database_url, 1, connect_args=connect_args)
+        try:
+            async with worker_engine.begin() as connection:  # the application's own use
+                for _ in range(3):
+                    await connection.execute(text("SELECT count(*) FROM que_jobs"))
+            pool = AsyncWorkerPool(
+                worker_engine, registry, concurrency=1, listen=False, batch_size=1
+            )
+            await pool.run(burst=True)
+            async with worker_engine.connect() as connection:
+                raw = (await connection.get_raw_connection()).driver_connection
+                assert raw.prepare_threshold == prepare_threshold
+        finally:
+            await worker_engine.dispose()
+
+    run(main)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert len(pids) == len(ids) and len(set(pids)) == 1, pids
+    assert job_rows(engine) == [] and rows(engine, table) == []
+
+
+# -- the database restarting under a running pool --------------------------------------------
+
+
+def test_a_running_pool_survives_a_database_outage_and_works_the_next_job(
+    engine: Engine, empty_database_url: str, caplog: Any
+) -> None:
+    """The database stops taking connections and ends every session (the worker's pooled
+    connections and the listener's), then comes back: the pool, which never stopped, works
+    the next job, woken by its listener again."""
+    caplog.set_level(logging.WARNING, logger="sqlalchemy_que")
+    name = make_url(empty_database_url).database
+    admin = engine.execution_options(isolation_level="AUTOCOMMIT")
+    sync_engine = create_engine(empty_database_url, poolclass=NullPool)
+    sqlalchemy_que.migrate(sync_engine)
+    registry = JobRegistry()
+    worked: list[int] = []
+
+    @registry.job("Job")
+    async def record(job: AsyncJobContext) -> None:
+        await job.connection.execute(text("SELECT 1"))
+        worked.append(job.job_id)
+
+    def outage(down: bool) -> None:
+        with admin.connect() as connection:
+            allow = "false" if down else "true"
+            connection.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {allow}'))
+            if down:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+
+    def listener_retries() -> int:
+        return sum("cannot open the listening" in r.getMessage() for r in list(caplog.records))
+
+    async def main() -> None:
+        worker_engine = pooled_engine(empty_database_url, 3)
+        pool = AsyncWorkerPool(worker_engine, registry, concurrency=2, wake_interval=60)
+        await pool.start()
+        try:
+            assert pool.listener is not None
+            await asyncio.wait_for(pool.listener.connected.wait(), 10)
+            first = add_job(sync_engine, "Job")
+            await wait_until(lambda: worked == [first], "the first job")
+            outage(down=True)
+            await wait_until(lambda: listener_retries() >= 3, "the listener to retry 3 times")
+            outage(down=False)
+            await asyncio.wait_for(pool.listener.connected.wait(), 15)
+            second = add_job(sync_engine, "Job")
+            await wait_until(lambda: worked == [first, second], "a job after the outage", 20)
+            assert pool.failed == 0
+        finally:
+            outage(down=False)
+            await pool.stop(5)
+            await worker_engine.dispose()
+
+    try:
+        run(main, timeout=60)
+    finally:
+        outage(down=False)
+        sync_engine.dispose()
+
+
+# -- stop() and start() ------------------------------------------------------------------------
+
+
+def test_a_pool_stopped_while_it_starts_starts_nothing(
+    engine: Engine, async_engine: AsyncEngine
+) -> None:
+    """``stop()`` runs while ``start()`` waits for its schema check: start() then starts no
+    task, no listener and no scheduler thread, which nothing would stop afterwards."""
+    registry = JobRegistry()
+
+    @registry.job("Hourly", schedule=every(3600))
+    async def hourly(job: AsyncJobContext) -> None:
+        pass
+
+    add_job(engine, "Hourly")
+
+    async def main() -> AsyncWorkerPool:
+        pool = AsyncWorkerPool(async_engine, registry, concurrency=1, wake_interval=0.05)
+        # gather() runs start() up to its first wait (the connection), then stop().
+        _, cancelled = await asyncio.gather(pool.start(), pool.stop(5))
+        assert cancelled == []
+        assert pool.listener is not None and pool.listener._task is None
+        assert all(task.done() for task in pool._running)
+        assert await pool.run() == 0  # returns at once: the pool is stopped
+        return pool
+
+    pool = run(main)
+    assert pool.scheduler is None and scheduler_threads() == []
+    assert [row["job_class"] for row in job_rows(engine)] == ["Hourly"]  # not worked
