@@ -203,7 +203,7 @@ def test_the_workers_statements_survive_psycopg_deallocating_them(
             await pool.run(burst=True)
             async with worker_engine.connect() as connection:
                 raw = (await connection.get_raw_connection()).driver_connection
-                assert raw.prepare_threshold == prepare_threshold
+                assert raw is not None and raw.prepare_threshold == prepare_threshold
         finally:
             await worker_engine.dispose()
 
