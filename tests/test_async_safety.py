@@ -308,3 +308,71 @@ def test_a_pool_stopped_while_it_starts_starts_nothing(
     pool = run(main)
     assert pool.scheduler is None and scheduler_threads() == []
     assert [row["job_class"] for row in job_rows(engine)] == ["Hourly"]  # not worked
+
+
+# -- what the sync worker's tests check, on the async pool --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("isolation_level", "job_isolation"),
+    [("AUTOCOMMIT", "read committed"), ("REPEATABLE READ", "repeatable read")],
+)
+def test_the_engines_settings_survive_the_async_worker_on_its_one_connection(
+    engine: Engine, database_url: str, table: str, isolation_level: str, job_isolation: str
+) -> None:
+    """As the sync worker's test: the job's writes are one transaction with its completion
+    even on an AUTOCOMMIT engine, and the very connection the worker used goes back to the
+    pool with the settings it came with, no transaction and no advisory lock."""
+    registry = JobRegistry()
+    seen: list[tuple[int, str]] = []
+
+    @registry.job("Writes")
+    async def writes(job: AsyncJobContext) -> None:
+        insert = text(f"INSERT INTO {table} VALUES (:id, 'written')")
+        await job.connection.execute(insert, {"id": job.job_id})
+        pid = (await job.connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        level = (await job.connection.execute(text("SHOW transaction_isolation"))).scalar_one()
+        await job.connection.execute(text("SELECT pg_advisory_lock(7, 7)"))  # its own lock
+        seen.append((pid, level))
+
+    @registry.job("Fails", retry_delay=60)
+    async def fails(job: AsyncJobContext) -> None:
+        insert = text(f"INSERT INTO {table} VALUES (:id, 'rolled back')")
+        await job.connection.execute(insert, {"id": job.job_id})
+        raise RuntimeError("after writing")
+
+    written = add_job(engine, "Writes", priority=1)
+    add_job(engine, "Fails", priority=2)
+
+    def settings(raw: Any) -> tuple[object, ...]:
+        return (raw.autocommit, raw.isolation_level, raw.read_only, raw.deferrable)
+
+    async def main() -> tuple[tuple[object, ...], tuple[object, ...], int, int]:
+        worker_engine = pooled_engine(database_url, 1, isolation_level=isolation_level)
+        try:
+            async with worker_engine.connect() as connection:
+                before = settings((await connection.get_raw_connection()).driver_connection)
+            pool = AsyncWorkerPool(worker_engine, registry, concurrency=1, listen=False)
+            assert await pool.run(burst=True) == 2
+            async with worker_engine.connect() as connection:
+                after = settings((await connection.get_raw_connection()).driver_connection)
+                pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                own_locks = (
+                    await connection.execute(
+                        text(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND pid = pg_backend_pid()"
+                        )
+                    )
+                ).scalar_one()
+            return before, after, pid, own_locks
+        finally:
+            await worker_engine.dispose()
+
+    before, after, pid, own_locks = run(main)
+    ((worker_pid, level),) = seen
+    assert level == job_isolation
+    assert after == before and pid == worker_pid and own_locks == 0
+    assert rows(engine, table) == [(written, "written")]
+    assert [row["job_class"] for row in job_rows(engine)] == ["Fails"]
+    assert held_job_locks(engine) == []
