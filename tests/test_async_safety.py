@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -19,6 +20,7 @@ from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que
 from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry, QueError, every
+from sqlalchemy_que._async_session import AsyncLockedSession
 
 from .helpers import add_job, held_job_locks, job_rows
 from .test_async_worker import async_engine, crash_marks, rows, run, table, wait_until
@@ -376,3 +378,72 @@ def test_the_engines_settings_survive_the_async_worker_on_its_one_connection(
     assert rows(engine, table) == [(written, "written")]
     assert [row["job_class"] for row in job_rows(engine)] == ["Fails"]
     assert held_job_locks(engine) == []
+
+
+# -- cancellation inside the worker's own round trips -------------------------------------------
+
+
+@pytest.mark.parametrize("step", ["lock", "recheck", "complete"])
+def test_a_cancel_inside_a_round_trip_leaves_no_lock_or_transaction_on_the_pooled_connection(
+    engine: Engine, database_url: str, table: str, step: str
+) -> None:
+    """The task is cancelled while it waits for the answer to the lock query, the re-check or
+    the completion (after the handler wrote): the session is then discarded at check-in, so
+    the pool's next connection has no transaction and no lock, and the job is either done
+    with its write or still there, unlocked."""
+    job_id = add_job(engine, "Job")
+
+    async def main() -> tuple[Any, int]:
+        worker_engine = pooled_engine(database_url, 1)
+        session = AsyncLockedSession(worker_engine)
+        try:
+            await session.checkout()
+
+            async def work() -> None:
+                (job,) = await session.lock("", 1)
+                session.begin_job()
+                insert = text(f"INSERT INTO {table} VALUES (:id, 'written')")
+                await session.job_connection().execute(insert, {"id": job.job_id})
+                await session.complete(job)
+
+            def at_step() -> bool:
+                if not session._broken:  # not waiting for an answer
+                    return False
+                if step == "lock":
+                    return not session.held
+                if step == "recheck":
+                    return bool(session.held) and not session.in_transaction
+                return session._job_run is None  # complete() has begun
+
+            task = asyncio.ensure_future(work())
+            while not at_step():
+                assert not task.done(), task
+                await asyncio.sleep(0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await session.checkin()
+            async with worker_engine.connect() as connection:
+                raw = (await connection.get_raw_connection()).driver_connection
+                assert raw is not None
+                status = raw.info.transaction_status
+                locks = (
+                    await connection.execute(
+                        text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+                    )
+                ).scalar_one()
+            return status, locks
+        finally:
+            await session.discard()
+            await worker_engine.dispose()
+
+    status, locks = run(main)
+    assert status == psycopg.pq.TransactionStatus.IDLE and locks == 0
+    assert held_job_locks(engine) == []
+    remaining = [row["job_id"] for row in job_rows(engine)]
+    outcomes: list[tuple[list[int], list[tuple[int, str]]]] = [
+        ([job_id], [])
+    ]  # before the completion: the job kept, its write rolled back
+    if step == "complete":  # the commit may have gone through: then with its write
+        outcomes.append(([], [(job_id, "written")]))
+    assert (remaining, rows(engine, table)) in outcomes
