@@ -234,6 +234,10 @@ class AsyncWorkerPool:
         if self.check_schema:
             async with self.engine.connect() as connection:
                 await connection.run_sync(_check_schema)
+        if self.stopping:
+            # stop() ran while the schema was checked: what started now would outlive it.
+            logger.info("stopped while starting: no worker task started")
+            return
         if self.run_schedules and self.registry.schedules and not burst:
             # The scheduler is the sync pool's (a thread that sleeps until the next tick);
             # its Engine is a sync one on the same URL, which connects only in that thread.
@@ -255,12 +259,15 @@ class AsyncWorkerPool:
         or with ``burst``, once no job is ready. Returns the jobs worked."""
         if not self._running:
             await self.start(burst=burst)
-        for outcome in await asyncio.gather(*self._running, return_exceptions=True):
-            if isinstance(outcome, Exception):  # a bug: a task ends only when told to
-                logger.error("a worker task ended with an error", exc_info=outcome)
-        if self.listener is not None:
-            await self.listener.stop()
-        await self._stop_scheduler(None)
+        try:
+            for outcome in await asyncio.gather(*self._running, return_exceptions=True):
+                if isinstance(outcome, Exception):  # a bug: a task ends only when told to
+                    logger.error("a worker task ended with an error", exc_info=outcome)
+        finally:
+            # Also when this call is cancelled (which cancels the tasks): nothing outlives it.
+            if self.listener is not None:
+                await self.listener.stop()
+            await self._stop_scheduler(None)
         return self.worked
 
     async def _stop_scheduler(self, timeout: float | None) -> None:

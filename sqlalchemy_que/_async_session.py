@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +61,13 @@ logger = logging.getLogger("sqlalchemy_que.worker")
 
 Step = tuple[Statement | bytes, Sequence[bytes | None]]
 
+#: The job run the current task works on: set in the worker's task by
+#: :meth:`AsyncLockedSession.begin_job`, and so seen by the tasks its handler starts (each
+#: starts with a copy of its creator's context), as by a plain handler's greenlet.
+_RUN: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "sqlalchemy_que_async_run", default=None
+)
+
 
 class AsyncLockedSession:
     """Owns one connection of ``engine`` for one worker task (not shared between tasks).
@@ -82,6 +90,7 @@ class AsyncLockedSession:
         self._open = False  # the server is inside the job's transaction
         self._touched = False  # a handler's statement ran since checkout
         self._job_begin: bytes | None = None  # what opens the running job's transaction
+        self._job_run: object | None = None  # the running job's run, until its outcome is sent
         self._ending = False
         self._broken = False  # a wait on the wire was cut short
         self._load_run_at: Any = None
@@ -140,6 +149,7 @@ class AsyncLockedSession:
             event.listen(sync, "commit", self._refuse_commit)
             event.listen(sync, "rollback", self._refuse_rollback)
             event.listen(sync, "before_cursor_execute", self._before_statement)
+            event.listen(sync, "begin", self._before_begin)
         except BaseException:
             self.connection = None
             await self._discard(connection)
@@ -161,6 +171,7 @@ class AsyncLockedSession:
             event.remove(sync, "commit", self._refuse_commit)
             event.remove(sync, "rollback", self._refuse_rollback)
             event.remove(sync, "before_cursor_execute", self._before_statement)
+            event.remove(sync, "begin", self._before_begin)
             if not self._alive() or raw.info.transaction_status != _IDLE:
                 raise LostSessionError("the session is broken or inside a transaction")
             if may_hold_locks:
@@ -427,6 +438,10 @@ class AsyncLockedSession:
         if statement_timeout_ms is not None:
             sql += b"; SET LOCAL statement_timeout = " + str(statement_timeout_ms).encode()
         self._job_begin = sql
+        # Only this task, and the tasks it starts from now on, may use the job's connection,
+        # and only until the job's outcome is sent (see _check_run).
+        self._job_run = object()
+        _RUN.set(self._job_run)
 
     def job_connection(self) -> AsyncConnection:
         """The ``AsyncConnection`` inside the job's transaction, for its handler.
@@ -458,16 +473,37 @@ class AsyncLockedSession:
                 "the job's session was lost; a statement on a new session would run without "
                 "the job's lock"
             )
+        if not self._ending:
+            self._check_run()
         if not self._open and self._job_begin is not None:
             self._touched = True
             await_only(self._simple(self._job_begin, "opening the job's transaction"))
             self._open = True
+
+    def _before_begin(self, connection: Connection) -> None:
+        """Before SQLAlchemy begins a transaction on the connection (the job's view, or an
+        ``AsyncSession``'s): refuse one for a job that has ended, which would otherwise stay
+        on the connection into the next job's run."""
+        if not self._ending:
+            self._check_run()
+
+    def _check_run(self) -> None:
+        """Refuse the connection to a task that is not working its current job: a task that
+        a handler started and left running once its job ended (its statement would run in
+        the next job's transaction, or in none, without any job's lock)."""
+        if self._job_run is None or _RUN.get() is not self._job_run:
+            raise QueError(
+                "job.session or job.connection was used after its job ended (by a task its "
+                "handler started and did not await?); the worker's connection has moved on: "
+                "await that work in the handler, or give the task a connection of its own"
+            )
 
     async def _end_view(self) -> None:
         """Close SQLAlchemy's view of a transaction the server has already ended: ours, and
         one the handler's statements began after a refused rollback()."""
         self._view = None
         self._job_begin = None
+        self._job_run = None
         connection = self.connection
         sync = connection.sync_connection if connection is not None else None
         if sync is None or sync.get_transaction() is None:
@@ -526,6 +562,7 @@ class AsyncLockedSession:
     async def complete(self, job: LockedJob) -> bool:
         """Delete the job, commit (with the handler's writes) and unlock it, in one round
         trip; raises as :meth:`LockedSession.complete`."""
+        self._job_run = None  # from here on, the connection carries the job's outcome
         if not self._open:
             await self._end_view()
             results = await self._finish(
@@ -594,6 +631,7 @@ class AsyncLockedSession:
             self._touched = False
 
     async def _rollback(self) -> None:
+        self._job_run = None  # the job's outcome follows
         try:
             if self._pgconn is not None and self._pgconn.transaction_status != _IDLE:
                 await self._simple(_sql.ROLLBACK, "rolling back")

@@ -381,9 +381,23 @@ class AsyncWorker:
     async def _release(
         self, session: AsyncLockedSession, job: LockedJob, context: JobContext | None
     ) -> None:
-        """The run was cut short (the pool's shutdown): roll back and unlock, row intact."""
+        """The run was cut short (the pool's shutdown, or the task's cancellation): roll
+        back and unlock, row intact. This runs on the way out of a cancelled task, which must
+        still end: a session that cannot release the job (its connection was lost, or
+        discarded by SQLAlchemy after a statement the cancel cut short) is discarded, which
+        ends the lock with it, instead of raising an error in place of the cancellation."""
         await self._drop_session(context)
-        await session.abandon(job)
+        try:
+            await session.abandon(job)
+        except Exception as error:
+            logger.warning(
+                "%s: job %s cancelled; its session could not release it and is discarded: %s",
+                self.name,
+                job.job_id,
+                error,
+            )
+            await session.discard()
+            return
         logger.warning(
             "%s: job %s cancelled by the pool's shutdown; released untouched", self.name, job.job_id
         )
