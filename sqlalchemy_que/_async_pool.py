@@ -169,6 +169,7 @@ class AsyncWorkerPool:
         self.scheduler: Scheduler | None = None
         self._schedule_engine: Engine | None = None
         self.stopping = False
+        self._started = False
         self._running: list[asyncio.Task[None]] = []
 
     @property
@@ -220,8 +221,13 @@ class AsyncWorkerPool:
 
         :raises WorkerError: when the Engine's pool is too small for ``concurrency``.
         """
-        if self._running:
-            raise WorkerError("this AsyncWorkerPool was already started")
+        if self._running or self._started:
+            raise WorkerError(
+                "this AsyncWorkerPool was already started (a stopped pool does not start "
+                "again: make a new one)"
+            )
+        if self.stopping:
+            raise WorkerError("this AsyncWorkerPool was stopped before it started: make a new one")
         capacity = _pool_capacity(self.engine.sync_engine)
         if capacity < self.concurrency:
             raise WorkerError(
@@ -234,6 +240,7 @@ class AsyncWorkerPool:
         if self.check_schema:
             async with self.engine.connect() as connection:
                 await connection.run_sync(_check_schema)
+        self._started = True
         if self.stopping:
             # stop() ran while the schema was checked: what started now would outlive it.
             logger.info("stopped while starting: no worker task started")
@@ -256,8 +263,12 @@ class AsyncWorkerPool:
 
     async def run(self, *, burst: bool = False) -> int:
         """Start (unless started) and wait until every task has ended: after :meth:`stop`,
-        or with ``burst``, once no job is ready. Returns the jobs worked."""
+        or with ``burst``, once no job is ready. Returns the jobs worked. A pool whose burst
+        ended may run again; a stopped pool does not start again (and ``run()`` then returns
+        at once)."""
         if not self._running:
+            if self.stopping:  # stopped before or while it started: nothing runs
+                return self.worked
             await self.start(burst=burst)
         try:
             for outcome in await asyncio.gather(*self._running, return_exceptions=True):
@@ -268,6 +279,9 @@ class AsyncWorkerPool:
             if self.listener is not None:
                 await self.listener.stop()
             await self._stop_scheduler(None)
+        if not self.stopping:  # a burst that ran out of jobs: the pool may run again
+            self._running = []
+            self._started = False
         return self.worked
 
     async def _stop_scheduler(self, timeout: float | None) -> None:

@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 import sqlalchemy_que
-from sqlalchemy_que import AsyncJobContext, AsyncWorkerPool, JobRegistry, QueError, every
+from sqlalchemy_que import (
+    AsyncJobContext,
+    AsyncWorkerPool,
+    JobRegistry,
+    QueError,
+    WorkerError,
+    every,
+)
 from sqlalchemy_que._async_session import AsyncLockedSession
 
 from .helpers import add_job, held_job_locks, job_rows
@@ -447,3 +454,30 @@ def test_a_cancel_inside_a_round_trip_leaves_no_lock_or_transaction_on_the_poole
     if step == "complete":  # the commit may have gone through: then with its write
         outcomes.append(([], [(job_id, "written")]))
     assert (remaining, rows(engine, table)) in outcomes
+
+
+def test_a_stopped_pool_refuses_to_start_again(engine: Engine, async_engine: AsyncEngine) -> None:
+    registry = JobRegistry()
+
+    @registry.job("Once")
+    async def once(job: AsyncJobContext) -> None:
+        pass
+
+    async def main() -> list[str]:
+        errors = []
+        pool = AsyncWorkerPool(async_engine, registry, concurrency=1, listen=False)
+        async with pool:
+            pass
+        with pytest.raises(WorkerError, match="already started") as started_twice:
+            await pool.start()
+        errors.append(str(started_twice.value))
+        never = AsyncWorkerPool(async_engine, registry, concurrency=1, listen=False)
+        await never.stop()
+        with pytest.raises(WorkerError, match="stopped before it started") as stopped_first:
+            await never.start()
+        errors.append(str(stopped_first.value))
+        assert await never.run() == 0 and never._running == []
+        return errors
+
+    assert len(run(main)) == 2
+    assert held_job_locks(engine) == []

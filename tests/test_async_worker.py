@@ -242,7 +242,6 @@ def test_retries_until_max_attempts_then_the_job_is_failed_for_good(
     async def three_runs() -> None:
         for _ in range(3):
             await pool.run(burst=True)
-            pool._running = []
 
     run(three_runs)
     assert attempts == [1, 2, 3]
