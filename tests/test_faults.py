@@ -755,6 +755,12 @@ def test_the_worker_resumes_when_the_database_comes_back_and_backs_off_afresh(
         outage(down=False)
         second = add_job(worker_engine, "Job")
         wait_for(lambda: worked == [first, second], message="a job worked after the outage")
+        # The handler ran; the recovery is complete once the job's deletion has committed
+        # and the worker sleeps between polls (its batch ended, which resets the backoff).
+        wait_for(
+            lambda: job_rows(worker_engine) == [] and worker.sleeping,
+            message="the second job's completion and the worker idle",
+        )
         assert thread.is_alive()
         during_first_outage = len(backoffs())
         outage(down=True)
