@@ -299,6 +299,12 @@ class AsyncWorker:
                     self._again.cancel()
                     self._again = None
                 others = self._take_back_cancels(task)
+                if self._cancelling:
+                    # A cancel request still on its way would land on our next statement
+                    # (the error's record, or the completion) when the handler's statement
+                    # ended first (its statement_timeout fires at the same moment): let it
+                    # arrive while the connection is idle, where the server ignores it.
+                    await asyncio.wait(list(self._cancelling))
         except asyncio.CancelledError as cancelled:
             if self.interrupted != "timeout" or others:
                 await self._release(session, job, context)

@@ -783,3 +783,44 @@ def test_an_async_pool_with_run_schedules_false_enqueues_no_tick(
 
     run(main)
     assert job_rows(engine) == []
+
+
+def test_the_worker_sends_nothing_while_its_cancel_request_is_on_its_way(
+    engine: Engine, async_engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's statement_timeout and its asyncio timeout fire together, so the worker may
+    ask the server to cancel a statement that has already ended. A request still on its way
+    would land on the worker's next statement (recording the overrun); the worker waits for
+    it to be delivered first. Here delivering it takes 0.3 s."""
+    from sqlalchemy_que._async_session import AsyncLockedSession
+    from sqlalchemy_que._async_worker import AsyncWorker
+
+    real_cancel = AsyncWorker._cancel_statement
+    events: list[str] = []
+
+    async def slow_cancel(raw: Any) -> None:
+        await asyncio.sleep(0.3)  # a slow path to the server: the delay under test
+        await real_cancel(raw)
+        events.append("cancel delivered")
+
+    real_record = AsyncLockedSession.record_error
+
+    async def record_error(self: AsyncLockedSession, *args: Any, **kwargs: Any) -> Any:
+        events.append("record_error")
+        return await real_record(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncWorker, "_cancel_statement", staticmethod(slow_cancel))
+    monkeypatch.setattr(AsyncLockedSession, "record_error", record_error)
+    registry = JobRegistry()
+
+    @registry.job("SlowQuery", timeout=0.2, retry_delay=60)
+    async def slow_query(job: AsyncJobContext) -> None:
+        await job.connection.execute(text("SELECT pg_sleep(30)"))
+
+    add_job(engine, "SlowQuery")
+    pool = burst(async_engine, registry)
+    assert pool.failed == 1
+    assert events == ["cancel delivered", "record_error"]
+    [row] = job_rows(engine)
+    assert row["last_error"].startswith("sqlalchemy_que.JobTimeoutError: job "), row
+    assert held_job_locks(engine) == []
