@@ -32,25 +32,21 @@ from . import _hooks
 from ._async_context import AsyncJobContext
 from ._async_session import AsyncLockedSession
 from ._errors import (
-    FailJob,
-    JobCancelledError,
     JobCrashedError,
     JobTimeoutError,
     QueError,
-    RetryJob,
     UnknownJobClassError,
 )
 from ._jobs import JobContext, JobDefinition, default_retry_delay, is_async_handler
 from ._session import LockedJob, LostSessionError, StatementFailedError
 from ._worker import (
     _MAX_BACKOFF,
-    MAX_RETRY_DELAY,
     UndecodableJobError,
     Worker,
     _error_class_name,
     _message,
+    failure_outcome,
     format_last_error,
-    retry_delay,
 )
 
 if TYPE_CHECKING:
@@ -435,17 +431,9 @@ class AsyncWorker:
         the job will not run again."""
         self.failed += 1
         count = job.error_count + 1
-        if isinstance(error, FailJob):
-            reason = "failed"
-        elif isinstance(error, JobCancelledError):
-            reason = "cancelled"
-        elif isinstance(error, JobTimeoutError):
-            reason = "timeout"
-        final = reason in ("failed", "cancelled") or count >= self._max_attempts(definition)
-        if isinstance(error, RetryJob):
-            delay = min(error.delay, MAX_RETRY_DELAY)
-        else:
-            delay = retry_delay(definition, count)
+        reason, final, delay = failure_outcome(
+            error, count, self._max_attempts(definition), definition, reason
+        )
         extra = {"job_id": job.job_id, "job_class": job.job_class, "error_count": count}
         try:
             try:

@@ -132,6 +132,30 @@ def retry_delay(definition: JobDefinition[Any] | None, error_count: int) -> floa
     return min(delay, MAX_RETRY_DELAY)
 
 
+def failure_outcome(
+    error: Exception,
+    count: int,
+    max_attempts: int,
+    definition: JobDefinition[Any] | None,
+    reason: str = "error",
+) -> tuple[str, bool, float]:
+    """What the ``count``-th failed run of a job means, for the sync and the async worker:
+    its reason (``failed``, ``cancelled``, ``timeout`` or the given one), whether the job is
+    failed for good, and the delay before its retry otherwise."""
+    if isinstance(error, FailJob):
+        reason = "failed"
+    elif isinstance(error, JobCancelledError):
+        reason = "cancelled"
+    elif isinstance(error, JobTimeoutError):
+        reason = "timeout"
+    final = reason in ("failed", "cancelled") or count >= max_attempts
+    if isinstance(error, RetryJob):
+        delay = min(error.delay, MAX_RETRY_DELAY)
+    else:
+        delay = retry_delay(definition, count)
+    return reason, final, delay
+
+
 class UndecodableJobError(QueError):
     """A job's row holds a value this worker cannot represent (a ``run_at`` of
     ``-infinity``, or outside the years Python's datetime holds); it is failed by its key
@@ -767,17 +791,9 @@ class Worker:
         None when the job will not run again."""
         self.failed += 1
         count = job.error_count + 1
-        if isinstance(error, FailJob):
-            reason = "failed"
-        elif isinstance(error, JobCancelledError):
-            reason = "cancelled"
-        elif isinstance(error, JobTimeoutError):
-            reason = "timeout"
-        final = reason in ("failed", "cancelled") or count >= self._max_attempts(definition)
-        if isinstance(error, RetryJob):
-            delay = min(error.delay, MAX_RETRY_DELAY)
-        else:
-            delay = retry_delay(definition, count)
+        reason, final, delay = failure_outcome(
+            error, count, self._max_attempts(definition), definition, reason
+        )
         extra = {**self._extra(job, started), "outcome": "error", "retry_in": delay}
         if final:
             extra = {**extra, "outcome": "failed", "reason": reason}
