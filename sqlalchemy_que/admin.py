@@ -284,15 +284,20 @@ def _in_transaction(bind: Engine | Connection, function: Any, *args: Any, **kwar
     return function(bind, *args, **kwargs)
 
 
+def _job_state(row: Any, *, failed: bool) -> State:
+    """The state of a job row read with ``locked_by`` and ``due`` (the admin reads' and the
+    dashboard's): ``failed`` when it comes from ``que_failed_jobs``."""
+    if failed:
+        return "failed"
+    if row.locked_by is not None:
+        return "working"
+    if row.due:
+        return "ready"
+    return "retrying" if row.error_count > 0 else "scheduled"
+
+
 def _info(row: Any) -> JobInfo:
-    if row.failed_at is not None:
-        state: State = "failed"
-    elif row.locked_by is not None:
-        state = "working"
-    elif row.due:
-        state = "ready"
-    else:
-        state = "retrying" if row.error_count > 0 else "scheduled"
+    state = _job_state(row, failed=row.failed_at is not None)
     return JobInfo(
         job_id=row.job_id,
         queue=row.queue,

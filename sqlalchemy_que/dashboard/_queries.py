@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import Connection, TextClause, text
 
 from sqlalchemy_que._stats import _JOB_LOCKS
+from sqlalchemy_que.admin import _job_state
 
 __all__ = [
     "FailedPage",
@@ -333,14 +334,7 @@ def _args(value: str) -> Any:
 
 
 def _row(row: Any, *, failed: bool = False) -> JobRow:
-    if failed:
-        state = "failed"
-    elif row.locked_by is not None:
-        state = "working"
-    elif row.due:
-        state = "ready"
-    else:
-        state = "retrying" if row.error_count > 0 else "scheduled"
+    state = _job_state(row, failed=failed)
     return JobRow(
         job_id=row.job_id,
         queue=row.queue,
