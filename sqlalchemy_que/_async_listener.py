@@ -24,6 +24,7 @@ from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from ._async_tasks import end_task
 from ._listener import TIMER_HORIZON
 from ._notify import CANCEL_CHANNEL, channel_for, parse_payload
 
@@ -67,9 +68,7 @@ class AsyncListener:
         self._timers.clear()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await end_task(task)  # one cancel may be lost inside psycopg's wait
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         pool = self.engine.sync_engine.pool.recreate()

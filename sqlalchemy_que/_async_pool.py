@@ -38,6 +38,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._async_listener import AsyncListener
+from ._async_tasks import end_task
 from ._async_worker import AsyncWorker
 from ._errors import QueError, WorkerError
 from ._jobs import check_max_attempts, check_timeout
@@ -265,24 +266,69 @@ class AsyncWorkerPool:
         """Start (unless started) and wait until every task has ended: after :meth:`stop`,
         or with ``burst``, once no job is ready. Returns the jobs worked. A pool whose burst
         ended may run again; a stopped pool does not start again (and ``run()`` then returns
-        at once)."""
+        at once). Cancelling this call stops the pool as ``stop(0)`` would (running jobs
+        released untouched) before the cancellation propagates."""
         if not self._running:
             if self.stopping:  # stopped before or while it started: nothing runs
                 return self.worked
             await self.start(burst=burst)
         try:
-            for outcome in await asyncio.gather(*self._running, return_exceptions=True):
-                if isinstance(outcome, Exception):  # a bug: a task ends only when told to
-                    logger.error("a worker task ended with an error", exc_info=outcome)
+            try:
+                # asyncio.wait, not gather: a cancellation of this call must not reach the
+                # tasks as a bare cancel (see _end_cancelled).
+                await asyncio.wait(self._running)
+            except asyncio.CancelledError:
+                await self._end_cancelled()
+                raise
         finally:
-            # Also when this call is cancelled (which cancels the tasks): nothing outlives it.
+            # Also when this call is cancelled: nothing outlives it.
             if self.listener is not None:
                 await self.listener.stop()
             await self._stop_scheduler(None)
+        for task in self._running:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                # A bug: a task ends only when told to.
+                logger.error("a worker task ended with an error", exc_info=error)
         if not self.stopping:  # a burst that ran out of jobs: the pool may run again
             self._running = []
             self._started = False
         return self.worked
+
+    async def _end_cancelled(self) -> None:
+        """``run()`` was cancelled (Ctrl-C under ``asyncio.run``, a task group ending): stop
+        as :meth:`stop` does past its grace period, at once. A handler inside a statement is
+        not cancelled bare: psycopg would send one cancel request and then wait for the
+        statement to end, and a request that reaches the server before the statement starts
+        is ignored (a 60 s statement then holds the pool, and the job's lock, for 60 s). The
+        worker's interrupt keeps asking until the statement ends, then releases the job."""
+        self.stopping = True
+        for runner in self.tasks:
+            runner.wake()
+        late = {task for task in self._running if not task.done()}
+        try:
+            if late:
+                await self._cut_short(late)
+        except asyncio.CancelledError:
+            # Cancelled again while ending: end the tasks outright.
+            await asyncio.gather(*(end_task(task) for task in late))
+            raise
+
+    async def _cut_short(self, late: set[asyncio.Task[None]]) -> list[LockedJob]:
+        """Interrupt the handlers of the ``late`` tasks (cancel the idle ones), give them
+        ``_STUCK`` seconds to release their jobs, then cancel what is left; returns the jobs
+        interrupted."""
+        interrupted: list[LockedJob] = []
+        for runner, task in zip(self.tasks, self._running, strict=True):
+            if task in late:
+                if runner.current is not None:
+                    interrupted.append(runner.current)
+                    runner.interrupt("shutdown")
+                else:
+                    task.cancel()
+        _, stuck = await asyncio.wait(late, timeout=_STUCK)
+        # A completion that does not return: end it anyway.
+        await asyncio.gather(*(end_task(task) for task in stuck))
+        return interrupted
 
     async def _stop_scheduler(self, timeout: float | None) -> None:
         scheduler, self.scheduler = self.scheduler, None
@@ -310,18 +356,7 @@ class AsyncWorkerPool:
         if running:
             _, late = await asyncio.wait(running, timeout=timeout)
             if late:
-                for runner, task in zip(self.tasks, self._running, strict=True):
-                    if task in late:
-                        if runner.current is not None:
-                            cancelled.append(runner.current)
-                            runner.interrupt("shutdown")
-                        else:
-                            task.cancel()
-                _, stuck = await asyncio.wait(late, timeout=_STUCK)
-                for task in stuck:  # a completion that does not return: end it anyway
-                    task.cancel()
-                if stuck:
-                    await asyncio.wait(stuck)
+                cancelled = await self._cut_short(late)
         self._running = []
         if cancelled:
             logger.warning(

@@ -31,6 +31,7 @@ from sqlalchemy.util import greenlet_spawn
 from . import _hooks
 from ._async_context import AsyncJobContext
 from ._async_session import AsyncLockedSession
+from ._async_tasks import wait_event
 from ._errors import (
     JobCrashedError,
     JobTimeoutError,
@@ -95,8 +96,7 @@ class AsyncWorker:
         self._ramp = 1
         self.sleeping = True
         try:
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.wake_event.wait(), seconds)
+            await wait_event(self.wake_event, seconds)
             self.wake_event.clear()
         finally:
             self.sleeping = False

@@ -28,6 +28,7 @@ from sqlalchemy_que import (
     every,
 )
 from sqlalchemy_que._async_session import AsyncLockedSession
+from sqlalchemy_que._async_tasks import end_task, wait_event
 
 from .helpers import add_job, held_job_locks, job_rows
 from .test_async_worker import async_engine, crash_marks, rows, run, table, wait_until
@@ -48,7 +49,17 @@ def scheduler_threads() -> list[threading.Thread]:
 # -- cancelling the task that runs the pool ------------------------------------------------
 
 
-@pytest.mark.parametrize("awaiting", ["event", "statement"])
+# A statement that survives the first cancel request, as a statement does when the request
+# reaches the server before the statement has started (the server then ignores it): the
+# pool must keep asking, where psycopg asks once and then waits for the statement's end.
+STUBBORN_STATEMENT = """
+DO $$ BEGIN
+  BEGIN PERFORM pg_sleep(60); EXCEPTION WHEN query_canceled THEN PERFORM pg_sleep(60); END;
+END $$
+"""
+
+
+@pytest.mark.parametrize("awaiting", ["event", "statement", "stubborn statement"])
 def test_cancelling_the_task_running_the_pool_ends_it_and_releases_the_job(
     engine: Engine, database_url: str, table: str, awaiting: str
 ) -> None:
@@ -69,6 +80,8 @@ def test_cancelling_the_task_running_the_pool_ends_it_and_releases_the_job(
         started.set()
         if awaiting == "statement":
             await job.connection.execute(text("SELECT pg_sleep(60)"))
+        elif awaiting == "stubborn statement":
+            await job.connection.execute(text(STUBBORN_STATEMENT))
         else:
             await asyncio.Event().wait()
 
@@ -101,8 +114,58 @@ def test_cancelling_the_task_running_the_pool_ends_it_and_releases_the_job(
     (row,) = job_rows(engine)
     assert row["job_id"] == job_id and row["error_count"] == 0
     assert held_job_locks(engine) == []
-    if awaiting == "event":
-        assert crash_marks(engine) == []  # released untouched, as at a shutdown
+    assert crash_marks(engine) == []  # released untouched, as at a shutdown
+
+
+# -- a cancellation lost on the way -------------------------------------------------------
+# On Python < 3.12 ``asyncio.wait_for`` drops a cancellation that arrives as the awaited
+# future completes, and psycopg < 3.3 waits on its socket through it: the listener's task,
+# cancelled inside ``notifies()``, went on listening and ``pool.run()`` never ended.
+
+
+def test_end_task_ends_a_task_that_loses_its_first_cancellations() -> None:
+    swallowed: list[int] = []
+
+    async def loses_two() -> None:
+        while len(swallowed) < 2:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                swallowed.append(1)  # as a cancellation lost inside a library's wait
+        await asyncio.Event().wait()
+
+    async def main() -> asyncio.Task[None]:
+        task = asyncio.ensure_future(loses_two())
+        await wait_until(lambda: task._fut_waiter is not None, "the task waits")  # type: ignore[attr-defined]
+        await end_task(task, interval=0.01)
+        return task
+
+    task = run(main, timeout=10)
+    assert swallowed == [1, 1] and task.cancelled()
+
+
+def test_wait_event_keeps_a_cancellation_that_arrives_as_the_event_is_set() -> None:
+    async def main() -> asyncio.Task[bool]:
+        event = asyncio.Event()
+        waiting = asyncio.ensure_future(wait_event(event, 60))
+        await wait_until(lambda: event._waiters, "the waiter waits")
+        event.set()
+        waiting.cancel()
+        await asyncio.wait([waiting], timeout=5)
+        return waiting
+
+    waiting = run(main, timeout=10)
+    assert waiting.cancelled()
+
+
+def test_wait_event_says_whether_the_event_was_set() -> None:
+    async def main() -> tuple[bool, bool]:
+        event = asyncio.Event()
+        timed_out = await wait_event(event, 0.01)
+        event.set()
+        return timed_out, await wait_event(event, 60)
+
+    assert run(main) == (False, True)
 
 
 # -- a task the handler left running -------------------------------------------------------
