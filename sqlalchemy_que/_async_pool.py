@@ -276,7 +276,8 @@ class AsyncWorkerPool:
             try:
                 # asyncio.wait, not gather: a cancellation of this call must not reach the
                 # tasks as a bare cancel (see _end_cancelled).
-                await asyncio.wait(self._running)
+                if self._running:  # none when stop() came while start() checked the schema
+                    await asyncio.wait(self._running)
             except asyncio.CancelledError:
                 await self._end_cancelled()
                 raise

@@ -354,11 +354,13 @@ def test_a_running_pool_survives_a_database_outage_and_works_the_next_job(
 # -- stop() and start() ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("starting", ["start", "run"])
 def test_a_pool_stopped_while_it_starts_starts_nothing(
-    engine: Engine, async_engine: AsyncEngine
+    engine: Engine, async_engine: AsyncEngine, starting: str
 ) -> None:
-    """``stop()`` runs while ``start()`` waits for its schema check: start() then starts no
-    task, no listener and no scheduler thread, which nothing would stop afterwards."""
+    """``stop()`` runs while ``start()`` (by itself, or inside ``run()``) waits for its
+    schema check: it then starts no task, no listener and no scheduler thread, which nothing
+    would stop afterwards, and ``run()`` returns having worked nothing."""
     registry = JobRegistry()
 
     @registry.job("Hourly", schedule=every(3600))
@@ -370,8 +372,9 @@ def test_a_pool_stopped_while_it_starts_starts_nothing(
     async def main() -> AsyncWorkerPool:
         pool = AsyncWorkerPool(async_engine, registry, concurrency=1, wake_interval=0.05)
         # gather() runs start() up to its first wait (the connection), then stop().
-        _, cancelled = await asyncio.gather(pool.start(), pool.stop(5))
-        assert cancelled == []
+        starts = pool.start() if starting == "start" else pool.run()
+        started, cancelled = await asyncio.gather(starts, pool.stop(5))
+        assert cancelled == [] and started in (None, 0)
         assert pool.listener is not None and pool.listener._task is None
         assert all(task.done() for task in pool._running)
         assert await pool.run() == 0  # returns at once: the pool is stopped
