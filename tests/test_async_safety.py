@@ -547,3 +547,73 @@ def test_a_stopped_pool_refuses_to_start_again(engine: Engine, async_engine: Asy
 
     assert len(run(main)) == 2
     assert held_job_locks(engine) == []
+
+
+def test_cancelling_the_pool_while_a_task_writes_its_crash_marks_leaves_none_behind(
+    engine: Engine, database_url: str
+) -> None:
+    """``pool.run()`` is cancelled while a task waits for the answer to the re-check that
+    writes the batch's crash marks (held here by an uncommitted mark of another session on
+    the job, so that the cancellation lands inside that round trip). The server commits the
+    marks whatever becomes of the client's wait: a task cut short there leaves them behind,
+    and the job's next run counts as a crash of a worker that was only shut down. The task
+    must end the round trip and release the job, its mark deleted, as at a shutdown."""
+    registry = JobRegistry()
+    runs: list[int] = []
+
+    @registry.job("Job")
+    async def job(context: AsyncJobContext) -> None:
+        runs.append(context.job_id)
+
+    job_id = add_job(engine, "Job")
+    blocker = engine.connect()
+
+    def others(condition: str) -> int:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND pid <> pg_backend_pid() AND " + condition
+                    )
+                ).scalar_one()
+            )
+
+    async def main() -> None:
+        worker_engine = pooled_engine(database_url, 2)
+        try:
+            pool = AsyncWorkerPool(
+                worker_engine, registry, concurrency=1, listen=False, wake_interval=0.05
+            )
+            running = asyncio.ensure_future(pool.run())
+            await wait_until(
+                lambda: others("wait_event_type = 'Lock'"), "the re-check to wait on the mark"
+            )
+            running.cancel()
+            # The cancellation reaches the task while its statement still waits.
+            await asyncio.wait([running], timeout=1)
+            blocker.rollback()
+            done, _ = await asyncio.wait([running], timeout=15)
+            assert done and running.cancelled()
+        finally:
+            await worker_engine.dispose()
+
+    try:
+        blocker.execute(
+            text("INSERT INTO que_job_runs (job_id, started_at, pid) VALUES (:id, now(), 0)"),
+            {"id": job_id},
+        )
+        run(main)
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    async def settled() -> None:  # a server session cut off by its client ends on its own
+        await wait_until(lambda: not others("state <> 'idle'"), "the worker's session to end")
+
+    run(settled)
+    assert runs == []
+    assert held_job_locks(engine) == []
+    assert crash_marks(engine) == []
+    (row,) = job_rows(engine)
+    assert row["job_id"] == job_id and row["error_count"] == 0
