@@ -324,8 +324,10 @@ class AsyncWorkerPool:
                 if runner.current is not None:
                     interrupted.append(runner.current)
                     runner.interrupt("shutdown")
-                else:
+                elif not runner.on_wire:
                     task.cancel()
+                # else: inside its own round trip (a cancel there would leave the lock's
+                # crash marks behind): it ends the round trip, then releases and ends.
         _, stuck = await asyncio.wait(late, timeout=_STUCK)
         # A completion that does not return: end it anyway.
         await asyncio.gather(*(end_task(task) for task in stuck))

@@ -93,6 +93,7 @@ class AsyncLockedSession:
         self._job_run: object | None = None  # the running job's run, until its outcome is sent
         self._ending = False
         self._broken = False  # a wait on the wire was cut short
+        self._on_wire = False  # inside one of the session's own round trips
         self._load_run_at: Any = None
 
     # -- checkout and check-in ---------------------------------------------------------
@@ -108,6 +109,14 @@ class AsyncLockedSession:
     def driver_connection(self) -> psycopg.AsyncConnection[Any] | None:
         """psycopg's connection under the session (to cancel a handler's statement)."""
         return self._raw
+
+    @property
+    def on_wire(self) -> bool:
+        """Whether one of the session's own round trips (locking, releasing, ending a job,
+        checking in) is waiting for its answer. Its statements run whatever becomes of that
+        wait: the crash marks of a lock are committed, so a task cut short there leaves them
+        behind."""
+        return self._on_wire
 
     @property
     def held(self) -> list[LockedJob]:
@@ -288,6 +297,13 @@ class AsyncLockedSession:
         return result
 
     async def _run(self, steps: Sequence[Step], what: str) -> list[pq.abc.PGresult | None]:
+        self._on_wire = True
+        try:
+            return await self._run_steps(steps, what)
+        finally:
+            self._on_wire = False
+
+    async def _run_steps(self, steps: Sequence[Step], what: str) -> list[pq.abc.PGresult | None]:
         """Send the steps in one round trip (a pipeline with one sync point) and return one
         result per step: None for a step the server skipped after an earlier one failed.
         Prepared statements are used outside a job's transaction only (see
@@ -326,6 +342,13 @@ class AsyncLockedSession:
 
     async def _simple(self, sql: bytes, what: str) -> None:
         """Several statements without parameters (the simple query protocol)."""
+        self._on_wire = True
+        try:
+            await self._simple_query(sql, what)
+        finally:
+            self._on_wire = False
+
+    async def _simple_query(self, sql: bytes, what: str) -> None:
         pgconn = self._pgconn
         if pgconn is None or not self._alive():
             raise self._lost(what)

@@ -80,6 +80,7 @@ class AsyncWorker:
         self.interrupted: str | None = None
         self._handler_task: asyncio.Task[Any] | None = None
         self._session: AsyncLockedSession | None = None
+        self._own: AsyncLockedSession | None = None  # the task's session, while it runs
         self._again: asyncio.TimerHandle | None = None
         self._cancels = 0
         self._cancelling: set[asyncio.Future[None]] = set()
@@ -88,6 +89,13 @@ class AsyncWorker:
     def current_job(self) -> LockedJob | None:
         """The job this task is running (the metrics' busy/idle gauge reads it)."""
         return self.current
+
+    @property
+    def on_wire(self) -> bool:
+        """Whether the task waits for the answer to one of its session's own round trips
+        (see :attr:`AsyncLockedSession.on_wire`): a shutdown lets it end instead of
+        cancelling it there."""
+        return self._own is not None and self._own.on_wire
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -105,7 +113,7 @@ class AsyncWorker:
     async def run(self, burst: bool) -> None:
         pool = self.pool
         backoff = 0.0
-        session = AsyncLockedSession(pool.engine)
+        session = self._own = AsyncLockedSession(pool.engine)
         try:
             while not pool.stopping:
                 try:
@@ -138,7 +146,10 @@ class AsyncWorker:
                     break
                 await self._sleep(pool.wake_interval)
         finally:
-            await session.checkin()
+            try:
+                await session.checkin()
+            finally:
+                self._own = None
 
     def _limit(self) -> int:
         """As :meth:`Worker._limit`: one after a sleep, doubling after each full batch up to
@@ -166,7 +177,7 @@ class AsyncWorker:
         pending = collections.deque(jobs)
         worked = 0
         try:
-            while pending:
+            while pending and not self.pool.stopping:  # stopped: the batch is released
                 job = pending.popleft()
                 if not session.holds(job):
                     continue  # released under us (a handler's leftover locks were cleared)
@@ -176,7 +187,7 @@ class AsyncWorker:
                 finally:
                     self.current = None
                 worked += 1
-                if self.pool.stopping or time.monotonic() - locked_at > self.pool.max_hold:
+                if time.monotonic() - locked_at > self.pool.max_hold:
                     break
             await session.release([job for job in pending if session.holds(job)])
         except LostSessionError:
