@@ -590,8 +590,8 @@ def test_cancelling_the_pool_while_a_task_writes_its_crash_marks_leaves_none_beh
                 lambda: others("wait_event_type = 'Lock'"), "the re-check to wait on the mark"
             )
             running.cancel()
-            # The cancellation reaches the task while its statement still waits.
-            await asyncio.wait([running], timeout=1)
+            # The pool is stopping (its tasks told so) while the statement still waits.
+            await wait_until(lambda: pool.stopping, "the cancellation to reach the pool")
             blocker.rollback()
             done, _ = await asyncio.wait([running], timeout=15)
             assert done and running.cancelled()
