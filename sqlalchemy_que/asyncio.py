@@ -154,27 +154,40 @@ async def insert_many(
     return result
 
 
-async def _read(bind: AsyncEngine | AsyncConnection, function: Any) -> Any:
+async def _operate(
+    bind: AsyncEngine | AsyncConnection,
+    function: Any,
+    *args: Any,
+    write: bool = True,
+    **kw: Any,
+) -> Any:
+    """Run a sync admin or stats function: given an AsyncEngine, on a connection of its own
+    (in a transaction that commits, for a ``write``); given an AsyncConnection, in the
+    caller's transaction."""
     if isinstance(bind, AsyncEngine):
-        async with bind.connect() as connection:
-            return await connection.run_sync(function)
+        async with bind.begin() if write else bind.connect() as connection:
+            return await _operate(connection, function, *args, **kw)
     if not isinstance(bind, AsyncConnection):
-        raise TypeError(
-            f"expected an AsyncEngine or AsyncConnection, got {bind!r} of type "
-            f"{type(bind).__name__}"
+        sync_module = (
+            "sqlalchemy_que.admin" if function.__module__ == _admin.__name__ else "sqlalchemy_que"
         )
-    return await bind.run_sync(function)
+        raise TypeError(
+            f"this awaitable form of {sync_module}.{function.__name__}() takes an AsyncEngine "
+            f"or AsyncConnection, got {bind!r} of type {type(bind).__name__}; with a sync "
+            f"Engine or Connection use {sync_module}.{function.__name__}()"
+        )
+    return await bind.run_sync(function, *args, **kw)
 
 
 async def job_stats(bind: AsyncEngine | AsyncConnection) -> list[JobStats]:
     """One row per ``(queue, job_class)``; :func:`sqlalchemy_que.job_stats`, awaited."""
-    result: list[JobStats] = await _read(bind, _stats.job_stats)
+    result: list[JobStats] = await _operate(bind, _stats.job_stats, write=False)
     return result
 
 
 async def worker_states(bind: AsyncEngine | AsyncConnection) -> list[WorkerState]:
     """Every job locked right now; :func:`sqlalchemy_que.worker_states`, awaited."""
-    result: list[WorkerState] = await _read(bind, _stats.worker_states)
+    result: list[WorkerState] = await _operate(bind, _stats.worker_states, write=False)
     return result
 
 
@@ -189,26 +202,6 @@ async def clear(bind: AsyncEngine | AsyncConnection) -> int:
 
 
 # -- sqlalchemy_que.admin, awaited ---------------------------------------------------------
-
-
-async def _operate(
-    bind: AsyncEngine | AsyncConnection, function: Any, *args: Any, **kw: Any
-) -> Any:
-    """Run an admin function: given an AsyncEngine, in a transaction of its own that commits;
-    given an AsyncConnection, in the caller's transaction."""
-    if isinstance(bind, AsyncEngine):
-        async with bind.begin() as connection:
-            return await _operate(connection, function, *args, **kw)
-    if not isinstance(bind, AsyncConnection):
-        sync_module = (
-            "sqlalchemy_que.admin" if function.__module__ == _admin.__name__ else "sqlalchemy_que"
-        )
-        raise TypeError(
-            f"this awaitable form of {sync_module}.{function.__name__}() takes an AsyncEngine "
-            f"or AsyncConnection, got {bind!r} of type {type(bind).__name__}; with a sync "
-            f"Engine or Connection use {sync_module}.{function.__name__}()"
-        )
-    return await bind.run_sync(function, *args, **kw)
 
 
 async def list_jobs(
