@@ -79,8 +79,7 @@ class AsyncWorker:
         #: Why the running handler was interrupted ("timeout", "shutdown"), if it was.
         self.interrupted: str | None = None
         self._handler_task: asyncio.Task[Any] | None = None
-        self._session: AsyncLockedSession | None = None
-        self._own: AsyncLockedSession | None = None  # the task's session, while it runs
+        self._session: AsyncLockedSession | None = None  # the task's session, while it runs
         self._again: asyncio.TimerHandle | None = None
         self._cancels = 0
         self._cancelling: set[asyncio.Future[None]] = set()
@@ -95,7 +94,7 @@ class AsyncWorker:
         """Whether the task waits for the answer to one of its session's own round trips
         (see :attr:`AsyncLockedSession.on_wire`): a shutdown lets it end instead of
         cancelling it there."""
-        return self._own is not None and self._own.on_wire
+        return self._session is not None and self._session.on_wire
 
     def wake(self) -> None:
         self.wake_event.set()
@@ -113,7 +112,7 @@ class AsyncWorker:
     async def run(self, burst: bool) -> None:
         pool = self.pool
         backoff = 0.0
-        session = self._own = AsyncLockedSession(pool.engine)
+        session = self._session = AsyncLockedSession(pool.engine)
         try:
             while not pool.stopping:
                 try:
@@ -149,7 +148,7 @@ class AsyncWorker:
             try:
                 await session.checkin()
             finally:
-                self._own = None
+                self._session = None
 
     def _limit(self) -> int:
         """As :meth:`Worker._limit`: one after a sleep, doubling after each full batch up to
@@ -282,7 +281,7 @@ class AsyncWorker:
                     )
                 ms = None if timeout is None else max(1, math.ceil(timeout * 1000))
                 session.begin_job(statement_timeout_ms=ms)
-                self._handler_task, self._session = task, session
+                self._handler_task = task
                 if timeout is not None:
                     timer = loop.call_later(timeout, self.interrupt, "timeout")
                 if is_async_handler(definition.handler):
