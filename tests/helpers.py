@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, make_url, text
 
 from sqlalchemy_que import insert_job
 
@@ -45,6 +45,24 @@ def held_job_locks(engine: Engine) -> list[int]:
                 )
             ).scalars()
         )
+
+
+def database_outage(engine: Engine, database_url: str, *, down: bool) -> None:
+    """Take the database of ``database_url`` down (it refuses new connections and its
+    sessions are ended, as in an outage) or bring it back, through ``engine`` (connected to
+    another database)."""
+    database = make_url(database_url).database
+    with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as connection:
+        allow = "false" if down else "true"
+        connection.execute(text(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {allow}'))
+        if down:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": database},
+            )
 
 
 def past(seconds: float = 60) -> datetime.datetime:

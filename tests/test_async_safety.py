@@ -30,7 +30,7 @@ from sqlalchemy_que import (
 from sqlalchemy_que._async_session import AsyncLockedSession
 from sqlalchemy_que._async_tasks import end_task, wait_event
 
-from .helpers import add_job, held_job_locks, job_rows
+from .helpers import add_job, database_outage, held_job_locks, job_rows
 from .test_async_worker import async_engine, crash_marks, rows, run, table, wait_until
 
 __all__ = ["async_engine", "table"]  # fixtures of test_async_worker, used here too
@@ -295,8 +295,6 @@ def test_a_running_pool_survives_a_database_outage_and_works_the_next_job(
     connections and the listener's), then comes back: the pool, which never stopped, works
     the next job, woken by its listener again."""
     caplog.set_level(logging.WARNING, logger="sqlalchemy_que")
-    name = make_url(empty_database_url).database
-    admin = engine.execution_options(isolation_level="AUTOCOMMIT")
     sync_engine = create_engine(empty_database_url, poolclass=NullPool)
     sqlalchemy_que.migrate(sync_engine)
     registry = JobRegistry()
@@ -306,19 +304,6 @@ def test_a_running_pool_survives_a_database_outage_and_works_the_next_job(
     async def record(job: AsyncJobContext) -> None:
         await job.connection.execute(text("SELECT 1"))
         worked.append(job.job_id)
-
-    def outage(down: bool) -> None:
-        with admin.connect() as connection:
-            allow = "false" if down else "true"
-            connection.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {allow}'))
-            if down:
-                connection.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": name},
-                )
 
     def listener_retries() -> int:
         return sum("cannot open the listening" in r.getMessage() for r in list(caplog.records))
@@ -332,22 +317,22 @@ def test_a_running_pool_survives_a_database_outage_and_works_the_next_job(
             await asyncio.wait_for(pool.listener.connected.wait(), 10)
             first = add_job(sync_engine, "Job")
             await wait_until(lambda: worked == [first], "the first job")
-            outage(down=True)
+            database_outage(engine, empty_database_url, down=True)
             await wait_until(lambda: listener_retries() >= 3, "the listener to retry 3 times")
-            outage(down=False)
+            database_outage(engine, empty_database_url, down=False)
             await asyncio.wait_for(pool.listener.connected.wait(), 15)
             second = add_job(sync_engine, "Job")
             await wait_until(lambda: worked == [first, second], "a job after the outage", 20)
             assert pool.failed == 0
         finally:
-            outage(down=False)
+            database_outage(engine, empty_database_url, down=False)
             await pool.stop(5)
             await worker_engine.dispose()
 
     try:
         run(main, timeout=60)
     finally:
-        outage(down=False)
+        database_outage(engine, empty_database_url, down=False)
         sync_engine.dispose()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, text
 
 import sqlalchemy_que
 from sqlalchemy_que import (
@@ -40,7 +40,7 @@ from sqlalchemy_que import (
 )
 
 from .conftest import wait_for
-from .helpers import add_job, held_job_locks, job_rows, past
+from .helpers import add_job, database_outage, held_job_locks, job_rows, past
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -713,24 +713,9 @@ def test_the_worker_resumes_when_the_database_comes_back_and_backs_off_afresh(
     then it comes back. The worker, which never died, works the next job, and its backoff
     starts again from 0.1 s at the next outage."""
     caplog.set_level(logging.WARNING, logger="sqlalchemy_que.worker")
-    name = make_url(empty_database_url).database
-    admin = engine.execution_options(isolation_level="AUTOCOMMIT")
     worker_engine = create_engine(empty_database_url, pool_size=1, max_overflow=0)
     sqlalchemy_que.migrate(worker_engine)
     worked: list[int] = []
-
-    def outage(down: bool) -> None:
-        with admin.connect() as connection:
-            allow = "false" if down else "true"
-            connection.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {allow}'))
-            if down:
-                connection.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": name},
-                )
 
     def backoffs() -> list[float]:
         return [
@@ -749,10 +734,10 @@ def test_the_worker_resumes_when_the_database_comes_back_and_backs_off_afresh(
     try:
         first = add_job(worker_engine, "Job")
         wait_for(lambda: worked == [first], message="the first job to be worked")
-        outage(down=True)
+        database_outage(engine, empty_database_url, down=True)
         wait_for(lambda: len(backoffs()) >= 3, message="3 database errors during the outage")
         assert backoffs()[:3] == [0.1, 0.2, 0.4]
-        outage(down=False)
+        database_outage(engine, empty_database_url, down=False)
         second = add_job(worker_engine, "Job")
         wait_for(lambda: worked == [first, second], message="a job worked after the outage")
         # The handler ran; the recovery is complete once the job's deletion has committed
@@ -763,12 +748,12 @@ def test_the_worker_resumes_when_the_database_comes_back_and_backs_off_afresh(
         )
         assert thread.is_alive()
         during_first_outage = len(backoffs())
-        outage(down=True)
+        database_outage(engine, empty_database_url, down=True)
         wait_for(lambda: len(backoffs()) > during_first_outage, message="the next outage")
         assert backoffs()[during_first_outage] == 0.1  # the backoff was reset by the recovery
         assert thread.is_alive()
     finally:
-        outage(down=False)
+        database_outage(engine, empty_database_url, down=False)
         worker.stop()
         thread.join(5)
         worker_engine.dispose()
